@@ -1,0 +1,146 @@
+"""Stage folders: atomic creation and ``manifest.json`` (inputs, params, versions, output hashes).
+
+Every stage writes into a temporary sibling folder and renames it into place only when complete,
+so a crash never leaves a folder that a later stage could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST = "manifest.json"
+_PACKAGES = ("qalora", "torch", "transformers", "safetensors", "gptqmodel", "gguf", "numpy")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_tensor(t: torch.Tensor) -> str:
+    """Hash of dtype, shape and raw bytes, so equal hashes mean bit-identical tensors."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_state(cwd: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Commit sha and dirty flag of the code that ran (None outside a git checkout)."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=cwd, capture_output=True, text=True, check=True,
+            ).stdout.strip()
+        )
+        return {"sha": sha, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp folder next to ``out``; on success it replaces ``out`` in one rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite to replace it")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(
+    folder: str | os.PathLike,
+    stage: str,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    outputs: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``manifest.json``; ``outputs`` defaults to sha256 of every file in the folder."""
+    folder = Path(folder)
+    if outputs is None:
+        outputs = {
+            str(p.relative_to(folder)): sha256_file(p)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
+        }
+    manifest = {
+        "stage": stage,
+        "created_unix": int(time.time()),
+        "params": dict(params),
+        "inputs": dict(inputs),
+        "outputs": dict(outputs),
+        "code": git_state(),
+        "versions": package_versions(),
+        "torch_threads": torch.get_num_threads(),
+        **(dict(extra) if extra else {}),
+    }
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline environment, a temp state dir, tiny random-weight LLaMA models built in code."""
+
+from __future__ import annotations
+
+import os
+
+# No hub access at test time, no telemetry.
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama_config(hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 256) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def tiny_llama(seed: int = 0, **kw) -> LlamaForCausalLM:
+    """Random-weight LLaMA: D_in of every projection is 128 or 256, so groups 32/64/128 all divide."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**kw)).eval()
+    return model
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    d = tmp_path / "state"
+    d.mkdir()
+    monkeypatch.setenv("QALORA_HOME", str(d))
+    return d
