@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from qalora.lowbit import LowBitLinear
-from qalora.manifest import atomic_output_dir, read_json, sha256_file, sha256_tensor, write_manifest
+from qalora.manifest import atomic_output_dir, read_json, sha256_file, sha256_tensor, write_json_atomic, write_manifest
 from qalora.model_io import set_submodule
 
 FORMAT = "qalora-lowbit"
@@ -69,6 +69,7 @@ def save_lowbit_model(
     params: dict[str, Any],
     inputs: dict[str, Any],
     extra_quant: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write the folder atomically; returns its manifest."""
     specs = layer_specs(model)
@@ -82,18 +83,12 @@ def save_lowbit_model(
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         quant = {"format": FORMAT, "version": FORMAT_VERSION, "method": method, "tied": tied,
                  "layers": specs, **(extra_quant or {})}
-        (tmp / QUANT_CONFIG).write_text(_dumps(quant))
+        write_json_atomic(tmp / QUANT_CONFIG, quant)
         manifest = write_manifest(
             tmp, stage, params, inputs,
-            extra={"tensors": {k: sha256_tensor(v) for k, v in tensors.items()}},
+            extra={"tensors": {k: sha256_tensor(v) for k, v in tensors.items()}, "metrics": metrics or {}},
         )
     return manifest
-
-
-def _dumps(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
 
 
 def read_quant_config(folder: str | Path) -> dict[str, Any]:

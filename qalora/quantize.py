@@ -6,12 +6,15 @@ produces the same canonical layers.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qalora.config import QuantizeParams
 from qalora.lowbit import LowBitLinear, check_bits, check_group
 from qalora.model_io import find_linear_targets, set_submodule
 
@@ -88,3 +91,50 @@ def quantize_model_rtn(
         codes, scales, zeros = rtn_quantize(linear.weight, bits, group_size, sym)
         set_submodule(model, name, lowbit_from_linear(linear, codes, scales, zeros, bits, group_size, name))
     return list(layers)
+
+
+def quantize_to_folder(
+    source: str,
+    out: str | Path,
+    params: QuantizeParams,
+    calibration: str | Path | None = None,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
+    """The quantize stage: load the fp base, quantize (GPTQ or RTN), write the canonical folder.
+
+    ``calibration`` (text/jsonl) is required for GPTQ. Returns the folder's manifest.
+    """
+    import time
+
+    from qalora.checkpoint import save_lowbit_model
+    from qalora.data import calibration_windows, load_texts
+    from qalora.manifest import sha256_file
+    from qalora.model_io import load_base_model
+
+    model, tokenizer = load_base_model(source, trust_remote_code=trust_remote_code)
+    check_targets(model, params.targets, params.group_size)  # fail fast, before calibration
+    inputs: dict = {"model": {"path": str(source),
+                              "sha256": sha256_file(source) if Path(source).is_file() else None}}
+    t0 = time.perf_counter()
+    if params.method == "gptq":
+        if calibration is None:
+            raise ValueError("GPTQ needs calibration text: pass --calib FILE (or use --method rtn)")
+        from qalora.gptq import quantize_model_gptq
+
+        windows = calibration_windows(load_texts(calibration), tokenizer, params.calib_samples, params.calib_seq_len)
+        inputs["calibration"] = {"path": str(calibration), "sha256": sha256_file(calibration)}
+        work = Path(out).with_name(Path(out).name + ".gptq-work")
+        try:
+            quantize_model_gptq(model, tokenizer, windows, params.bits, params.group_size, params.targets,
+                                sym=params.sym, damp_percent=params.damp_percent, work_dir=work,
+                                progress=progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    else:
+        quantize_model_rtn(model, params.bits, params.group_size, params.targets, params.sym, progress)
+    seconds = time.perf_counter() - t0
+    return save_lowbit_model(model, tokenizer, out, method=params.method, stage="quantize",
+                             params=params.model_dump(), inputs=inputs,
+                             metrics={"quantize_seconds": seconds})

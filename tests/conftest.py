@@ -19,7 +19,22 @@ from transformers import LlamaConfig, LlamaForCausalLM
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def tiny_llama_config(hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 256) -> LlamaConfig:
+def tiny_tokenizer():
+    """Byte-level tokenizer with 256 byte tokens + <pad>/<s>/</s> (ids 0/1/2), built in code."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama_config(hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 272) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -40,3 +55,28 @@ def state_dir(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("QALORA_HOME", str(d))
     return d
+
+
+def save_tiny_base(folder, bits: int = 4, group_size: int = 32, seed: int = 0, **kw):
+    """RTN-quantize a tiny LLaMA and save it (with the tiny tokenizer) as a canonical low-bit folder."""
+    from qalora.checkpoint import save_lowbit_model
+    from qalora.quantize import quantize_model_rtn
+
+    model = tiny_llama(seed, **kw)
+    quantize_model_rtn(model, bits, group_size, TARGETS, progress=False)
+    save_lowbit_model(model, tiny_tokenizer(), folder, method="rtn", stage="quantize", params={}, inputs={})
+    return folder
+
+
+def write_alpaca(path, n: int = 24):
+    import json
+
+    records = [{"instruction": f"Count to {i}.", "input": "" if i % 2 else f"start at {i % 5}",
+                "output": " ".join(str(k) for k in range(i % 7 + 1))} for i in range(n)]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    return write_alpaca(tmp_path / "alpaca.json")

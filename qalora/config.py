@@ -1,0 +1,153 @@
+"""The one experiment schema: a params YAML (``params/default.yaml``) plus ``--set key=value``.
+
+Unknown keys and bad values raise :class:`ParamsError` naming the dotted key and what is valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qalora.lowbit import SUPPORTED_BITS
+from qalora.model_io import DEFAULT_TARGETS
+from qalora.paths import EMBEDDED_MODEL
+
+
+class ParamsError(ValueError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(_Section):
+    source: str = Field(EMBEDDED_MODEL, description="HF folder, .gguf file, hub id in the local cache, or the embedded default")
+    trust_remote_code: bool = False
+
+
+class DataParams(_Section):
+    train: str = Field("sources:data/alpaca_en_demo.json", description="Alpaca JSON/JSONL (instruction/input/output)")
+    calibration: str = Field("sources:data/c4_demo.jsonl", description="calibration text: .txt or .jsonl with a 'text' field")
+    heldout: str = Field("sources:data/wiki_demo.txt", description="held-out text for perplexity")
+
+
+class QuantizeParams(_Section):
+    method: Literal["gptq", "rtn"] = "gptq"
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = False
+    calib_samples: int = Field(32, ge=1)
+    calib_seq_len: int = Field(512, ge=16)
+    damp_percent: float = Field(0.05, gt=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in SUPPORTED_BITS:
+            raise ValueError(f"bits={v} is not supported; valid: {list(SUPPORTED_BITS)}")
+        return v
+
+    @property
+    def tag(self) -> str:
+        """Self-describing artifact name, e.g. ``int4.g64``."""
+        return f"int{self.bits}.g{self.group_size}"
+
+
+class TuneParams(_Section):
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    lr: float = Field(2e-4, gt=0)
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(256, ge=8)
+    warmup_steps: int = Field(4, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_every: int = Field(10, ge=1, description="checkpoint every N steps (resumable)")
+    seed: int = 0
+
+
+class CheckParams(_Section):
+    rel_tol: float = Field(1e-3, gt=0, description="max relative L2 error, merged vs unmerged logits (fp32)")
+    max_new_tokens: int = Field(16, ge=1)
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Give three tips for staying healthy.",
+            "What is the capital of France?",
+            "Write a haiku about low-bit quantization.",
+            "Explain why the sky is blue in one sentence.",
+        ]
+    )
+
+
+class Params(_Section):
+    name: str = "default"
+    model: ModelParams = Field(default_factory=ModelParams)
+    data: DataParams = Field(default_factory=DataParams)
+    quantize: QuantizeParams = Field(default_factory=QuantizeParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+    check: CheckParams = Field(default_factory=CheckParams)
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid params in {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``tune.lr=2e-4`` -> (["tune", "lr"], 2e-4); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. tune.lr=2e-4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ParamsError(f"params file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{path}: top level must be a mapping of sections")
+        origin = str(path)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(e, origin + (" + --set" if overrides else ""))) from None
