@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
 
     # Stage modules that register their own subcommands (present once their stage exists).
-    for module in ("qalora.evaluate", "qalora.bench"):
+    for module in ("qalora.evaluate", "qalora.bench", "flows.cli"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).add_cli(sub)
     return parser

@@ -92,6 +92,43 @@ class CheckParams(_Section):
     )
 
 
+class BenchmarkParams(_Section):
+    enabled: bool = True
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4])
+    decode_tokens: int = Field(32, ge=1, description="tokens decoded per measurement")
+    prefill_lengths: list[int] = Field(default_factory=lambda: [128])
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateParams(_Section):
+    enabled: bool = True
+    tasks: list[str] = Field(default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "piqa", "winogrande",
+                                                        "boolq", "arc_challenge", "openbookqa"])
+    num_fewshot: int | None = Field(None, ge=0, description="null = lm-eval's default per task (MMLU 5, others 0)")
+    limit: int | None = Field(20, ge=1, description="examples per task (per subject for MMLU); null = all")
+    batch_size: int = Field(8, ge=1)
+    perplexity: bool = True
+    perplexity_context: int = Field(512, ge=16)
+    perplexity_max_tokens: int = Field(40_000, ge=16)
+
+
+class GateParams(_Section):
+    """Promotion rules; every failed rule is reported with its figures."""
+
+    require_bit_exact: bool = True
+    max_logit_rel_error: float = Field(1e-3, gt=0)
+    min_decode_speedup: float | None = Field(None, gt=0, description="low-bit vs fp16/fp32 decode tok/s at batch 1, same run; null = no rule")
+    metric_tolerance: float = Field(0.02, ge=0, description="allowed drop vs the champion on each eval metric")
+    floors: dict[str, float] = Field(default_factory=dict, description="metric -> minimum, e.g. eval.arc_easy.acc: 0.3")
+    max_perplexity: float | None = Field(None, gt=0)
+
+
+class TrackingParams(_Section):
+    tracking_uri: str | None = Field(None, description="MLflow URI; null = sqlite under $QALORA_HOME")
+    experiment: str = "qalora"
+    registered_model: str = "qalora-smollm2-135m"
+
+
 class Params(_Section):
     name: str = "default"
     model: ModelParams = Field(default_factory=ModelParams)
@@ -99,6 +136,10 @@ class Params(_Section):
     quantize: QuantizeParams = Field(default_factory=QuantizeParams)
     tune: TuneParams = Field(default_factory=TuneParams)
     check: CheckParams = Field(default_factory=CheckParams)
+    benchmark: BenchmarkParams = Field(default_factory=BenchmarkParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    gate: GateParams = Field(default_factory=GateParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

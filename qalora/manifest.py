@@ -144,3 +144,13 @@ def write_manifest(
     }
     write_json_atomic(folder / MANIFEST, manifest)
     return manifest
+
+
+def code_version() -> str:
+    """sha256 over the qalora package's source files: the code part of every stage cache key."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".yaml", ".json") and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()

@@ -69,3 +69,17 @@ def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) ->
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def source_identity(source: str | Path) -> str:
+    """A content hash of a model source: the file (GGUF), the folder's config + safetensors, or the id."""
+    from qalora.manifest import sha256_bytes, sha256_file
+
+    path = Path(source)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        parts = [f"{f.name}:{sha256_file(f)}" for f in sorted(path.iterdir())
+                 if f.suffix in (".safetensors", ".json") and f.is_file()]
+        return sha256_bytes("\n".join(parts).encode())
+    return sha256_bytes(str(source).encode())

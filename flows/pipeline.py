@@ -1,0 +1,160 @@
+"""The qalora pipeline: DVC-verified data -> quantize -> tune -> merge -> check -> benchmark ->
+evaluate -> gate/registry -> report, as one Prefect flow tracked as one MLflow run.
+
+Stages pass folder paths and content keys, never tensors; each stage folder is content-addressed
+(tasks/stage_cache.py), so a re-run skips finished stages and resumes an interrupted tune.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from qalora import gate, report
+from qalora.config import Params, load_params
+from qalora.dataset import CALIBRATION, EVAL, HELDOUT, TRAIN
+from qalora.manifest import code_version, git_state, package_versions, read_json, sha256_bytes, write_json_atomic
+from tasks import dvc_data, mlflow_tracking
+from tasks.check import REPORT as CHECK_REPORT
+from tasks.check import check_task
+from tasks.merge import merge_task
+from tasks.quantize import quantize_task
+from tasks.stage_cache import StageResult
+from tasks.tune import tune_task
+
+
+def params_hash(p: Params) -> str:
+    return sha256_bytes(p.model_dump_json().encode())
+
+
+def lineage_of(p: Params, data_md5: str) -> dict[str, Any]:
+    git = git_state()
+    return {"git_sha": git["sha"], "git_dirty": git["dirty"], "data_md5": data_md5,
+            "params_hash": params_hash(p), "code_version": code_version(), "seed": p.tune.seed,
+            "versions": package_versions()}
+
+
+def same_build(lineage: dict[str, Any], champion: dict[str, Any] | None) -> bool:
+    """A scheduled run is redundant when data, code and params all equal the champion's."""
+    if not champion:
+        return False
+    theirs = champion.get("lineage") or {}
+    return all(str(theirs.get(k)) == str(lineage[k]) for k in ("data_md5", "code_version", "params_hash"))
+
+
+def _history(adapter: StageResult) -> list[dict[str, float]]:
+    lines = (Path(adapter.dir) / "metrics.jsonl").read_text().splitlines()
+    return [{"step": r["step"], "loss": r["loss"]} for r in map(json.loads, lines)]
+
+
+def build_summary(run_name: str, lineage: dict, stages: dict[str, StageResult], extra: dict[str, Any]) -> dict[str, Any]:
+    figures: dict[str, float] = {}
+    for name, res in stages.items():
+        figures |= {f"{name}.{k}": v for k, v in res.metrics.items()}
+    check = read_json(Path(stages["check"].dir) / CHECK_REPORT, "check report")
+    figures["check.passed"] = float(check["passed"])
+    figures["check.logits.max_rel_error"] = check["checks"]["logits"]["max_rel_error"]
+    figures["check.logits.greedy_identical_prompts"] = float(check["checks"]["logits"]["greedy_identical_prompts"])
+    figures |= extra.get("figures", {})
+    return {
+        "run_name": run_name, "figures": figures, "loss_curve": _history(stages["tune"]),
+        "latency": extra.get("latency", []), "accuracy": extra.get("accuracy", {}), "check": check,
+        "lineage": lineage, "paths": {name: res.dir for name, res in stages.items()}
+        | {"check_json": str(Path(stages["check"].dir) / CHECK_REPORT)},
+    }
+
+
+def _evaluate(p: Params, root: Path, merged: StageResult, data_md5: str) -> tuple[StageResult, dict[str, Any]]:
+    from tasks.evaluate import evaluate_task
+
+    res = evaluate_task(p, merged, root / "data" / EVAL, root / "data" / HELDOUT, data_md5)
+    result = read_json(Path(res.dir) / "eval.json", "eval result")
+    # One bar per task or group (MMLU's 57 subjects are in eval.json and MLflow, not the chart).
+    rows = (result.get("groups") or {}) | {t: m for t, m in (result.get("tasks") or {}).items()
+                                           if not t.startswith("mmlu_")}
+    accuracy = {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in rows.items()}
+    figures = {f"eval.{k.replace('/', '.')}": v for k, v in result.get("metrics", {}).items()}
+    return res, {"figures": figures, "accuracy": accuracy}
+
+
+def _benchmark(p: Params, merged: StageResult) -> tuple[StageResult, dict[str, Any]]:
+    from tasks.benchmark import benchmark_task, latency_rows
+
+    res = benchmark_task(p, merged)
+    return res, {"figures": {f"benchmark.{k}": v for k, v in res.metrics.items()}, "latency": latency_rows(res)}
+
+
+@flow(name="qalora-pipeline", log_prints=True)
+def qalora_pipeline(
+    params_file: str | None = "params/default.yaml",
+    overrides: list[str] | None = None,
+    project_dir: str = ".",
+    scheduled: bool = False,
+) -> dict[str, Any]:
+    """Run the whole pipeline for one params file; returns the decision and the report path."""
+    log = get_run_logger()
+    p = load_params(params_file, overrides)
+    root = Path(project_dir).resolve()
+    data_md5 = dvc_data.verify(root)
+    lineage = lineage_of(p, data_md5)
+    mlflow_tracking.configure(p.tracking)
+    champion = mlflow_tracking.champion(p.tracking.registered_model)
+    if scheduled and same_build(lineage, champion):
+        msg = (f"skipped: data ({data_md5}), code and params equal champion v{champion['version']}'s; "
+               "nothing to retrain")
+        print(msg)
+        return {"skipped": True, "message": msg, "champion": champion["version"]}
+
+    run_name = f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    data = root / "data"
+    with mlflow_tracking.pipeline_run(p.tracking, run_name, p, lineage) as run:
+        for name, rel, ctx in (("alpaca", TRAIN, "training"), ("calibration", CALIBRATION, "calibration"),
+                               ("heldout", HELDOUT, "evaluation"), ("eval-sets", EVAL, "evaluation")):
+            run.log_dataset(name, str(data / rel), data_md5, ctx)
+        stages: dict[str, StageResult] = {}
+        stages["quantize"] = quantize_task(p, data / CALIBRATION)
+        stages["tune"] = tune_task(p, stages["quantize"], data / TRAIN)
+        stages["merge"] = merge_task(stages["quantize"], stages["tune"])
+        stages["check"] = check_task(p, stages["quantize"], stages["tune"], stages["merge"])
+        extra: dict[str, Any] = {"figures": {}}
+        if p.benchmark.enabled:
+            stages["benchmark"], bench = _benchmark(p, stages["merge"])
+            extra["figures"] |= bench["figures"]
+            extra["latency"] = bench["latency"]
+        if p.evaluate.enabled:
+            stages["evaluate"], ev = _evaluate(p, root, stages["merge"], data_md5)
+            extra["figures"] |= ev["figures"]
+            extra["accuracy"] = ev["accuracy"]
+        for name, res in stages.items():
+            run.log_stage(name, res.metrics | {"cached": float(res.cached)},
+                          artifacts=[f for f in Path(res.dir).glob("*.json")])
+
+        summary = build_summary(run_name, lineage, stages, extra)
+        decision = gate.decide(summary["figures"], champion["figures"] if champion else None, p.gate)
+        report_dir = root / "reports" / run_name
+        report_md = report.write_report(report_dir, summary, decision)
+        write_json_atomic(report_dir / "summary.json", summary)  # `qalora report --run` re-renders from these
+        write_json_atomic(report_dir / "decision.json", decision)
+        run.log_artifacts(report_dir, "report")
+        registered = mlflow_tracking.register_and_gate(run.run_id, Path(stages["merge"].dir),
+                                                       p.tracking.registered_model, decision,
+                                                       summary["figures"], lineage)
+    verdict = "PROMOTED to champion" if decision["passed"] else "REJECTED"
+    lines = [f"gate: {verdict} ({p.tracking.registered_model} v{registered['version']})"]
+    lines += [f"  {'ok  ' if r['passed'] else 'FAIL'} {r['rule']}: {r['message']}" for r in decision["rules"]]
+    lines.append(f"report: {report_md}")
+    print("\n".join(lines))
+    create_markdown_artifact(
+        key="qalora-run", description=f"qalora run {run_name}",
+        markdown=f"# {run_name}\n\n**{verdict}** — model version {registered['version']}\n\n"
+                 + "\n".join(f"- {'✅' if r['passed'] else '❌'} {r['rule']}: {r['message']}" for r in decision["rules"])
+                 + f"\n\nReport: `{report_md}`\n",
+    )
+    log.info("cached stages: %s", [n for n, r in stages.items() if r.cached])
+    return {"skipped": False, "run_name": run_name, "passed": decision["passed"], "version": registered["version"],
+            "report": str(report_md), "cached": [n for n, r in stages.items() if r.cached], "figures": summary["figures"]}
