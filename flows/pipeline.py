@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from qalora import gate, report
 from qalora.config import Params, load_params
-from qalora.dataset import CALIBRATION, EVAL, HELDOUT, TRAIN
+from qalora.paths import resolve_path
 from qalora.manifest import code_version, git_state, package_versions, read_json, sha256_bytes, write_json_atomic
 from tasks import dvc_data, mlflow_tracking
 from tasks.check import REPORT as CHECK_REPORT
@@ -69,10 +69,10 @@ def build_summary(run_name: str, lineage: dict, stages: dict[str, StageResult], 
     }
 
 
-def _evaluate(p: Params, root: Path, merged: StageResult, data_md5: str) -> tuple[StageResult, dict[str, Any]]:
+def _evaluate(p: Params, paths: dict[str, Path], merged: StageResult, data_md5: str) -> tuple[StageResult, dict[str, Any]]:
     from tasks.evaluate import evaluate_task
 
-    res = evaluate_task(p, merged, root / "data" / EVAL, root / "data" / HELDOUT, data_md5)
+    res = evaluate_task(p, merged, paths["eval_dir"], paths["heldout"], data_md5)
     result = read_json(Path(res.dir) / "eval.json", "eval result")
     # One bar per task or group (MMLU's 57 subjects are in eval.json and MLflow, not the chart).
     rows = (result.get("groups") or {}) | {t: m for t, m in (result.get("tasks") or {}).items()
@@ -111,14 +111,14 @@ def qalora_pipeline(
         return {"skipped": True, "message": msg, "champion": champion["version"]}
 
     run_name = f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    data = root / "data"
+    paths = {k: resolve_path(getattr(p.data, k), root) for k in ("train", "calibration", "heldout", "eval_dir")}
     with mlflow_tracking.pipeline_run(p.tracking, run_name, p, lineage) as run:
-        for name, rel, ctx in (("alpaca", TRAIN, "training"), ("calibration", CALIBRATION, "calibration"),
-                               ("heldout", HELDOUT, "evaluation"), ("eval-sets", EVAL, "evaluation")):
-            run.log_dataset(name, str(data / rel), data_md5, ctx)
+        for name, ctx in (("train", "training"), ("calibration", "calibration"), ("heldout", "evaluation"),
+                          ("eval_dir", "evaluation")):
+            run.log_dataset(name, str(paths[name]), data_md5, ctx)
         stages: dict[str, StageResult] = {}
-        stages["quantize"] = quantize_task(p, data / CALIBRATION)
-        stages["tune"] = tune_task(p, stages["quantize"], data / TRAIN)
+        stages["quantize"] = quantize_task(p, paths["calibration"])
+        stages["tune"] = tune_task(p, stages["quantize"], paths["train"])
         stages["merge"] = merge_task(stages["quantize"], stages["tune"])
         stages["check"] = check_task(p, stages["quantize"], stages["tune"], stages["merge"])
         extra: dict[str, Any] = {"figures": {}}
@@ -127,7 +127,7 @@ def qalora_pipeline(
             extra["figures"] |= bench["figures"]
             extra["latency"] = bench["latency"]
         if p.evaluate.enabled:
-            stages["evaluate"], ev = _evaluate(p, root, stages["merge"], data_md5)
+            stages["evaluate"], ev = _evaluate(p, paths, stages["merge"], data_md5)
             extra["figures"] |= ev["figures"]
             extra["accuracy"] = ev["accuracy"]
         for name, res in stages.items():

@@ -30,9 +30,12 @@ class ModelParams(_Section):
 
 
 class DataParams(_Section):
-    train: str = Field("sources:data/alpaca_en_demo.json", description="Alpaca JSON/JSONL (instruction/input/output)")
-    calibration: str = Field("sources:data/c4_demo.jsonl", description="calibration text: .txt or .jsonl with a 'text' field")
-    heldout: str = Field("sources:data/wiki_demo.txt", description="held-out text for perplexity")
+    """Paths relative to the project dir; the defaults are the DVC-versioned data/ (`qalora data build`)."""
+
+    train: str = Field("data/train/alpaca_en_demo.json", description="Alpaca JSON/JSONL (instruction/input/output)")
+    calibration: str = Field("data/calibration/c4_demo.jsonl", description="calibration text: .txt or .jsonl with a 'text' field")
+    heldout: str = Field("data/heldout/wiki_demo.txt", description="held-out text for perplexity")
+    eval_dir: str = Field("data/eval", description="folder of the local HF eval datasets")
 
 
 class QuantizeParams(_Section):

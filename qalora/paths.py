@@ -37,9 +37,17 @@ def source_file(relative: str) -> Path:
     return path
 
 
-def resolve_path(spec: str) -> Path:
-    """``sources:REL`` -> a file of the unpacked sources; anything else is a plain path."""
-    return source_file(spec.removeprefix("sources:")) if spec.startswith("sources:") else Path(spec)
+def resolve_path(spec: str, root: str | Path = ".") -> Path:
+    """``sources:REL`` -> a file of the unpacked sources; else a path, relative ones under ``root``.
+
+    A missing file under data/ gets the command that builds it in the error.
+    """
+    if spec.startswith("sources:"):
+        return source_file(spec.removeprefix("sources:"))
+    path = Path(root) / spec
+    if not path.exists() and Path(spec).parts[:1] == ("data",):
+        raise FileNotFoundError(f"{path} is missing: run `qalora data build` (or `qalora data pull`) first")
+    return path
 
 
 def resolve_model(spec: str) -> str:
