@@ -1,0 +1,199 @@
+"""The promotion gate: pure rules over a run's flat figures and the current champion's figures.
+
+Each rule yields ``{"rule", "passed", "value", "threshold", "message"}``; a missing figure fails
+its rule with a message naming the figure (a stage that did not run proves nothing). Rules:
+
+``bit_exact``                    ``check.passed == 1`` (when ``gate.require_bit_exact``)
+``logit_error``                  ``check.logits.max_rel_error <= gate.max_logit_rel_error``
+``decode_speedup``               ``benchmark.decode_speedup.b1 >= gate.min_decode_speedup`` (when set)
+``no_regression.<metric>``       every eval metric present in both the run and the champion:
+                                 higher-is-better (acc, acc_norm, ...) >= champion - metric_tolerance,
+                                 lower-is-better (perplexity, ...) <= champion * (1 + metric_tolerance);
+                                 a single passing ``no_regression`` rule when there is no champion
+``floor.<metric>``               ``figure >= gate.floors[metric]``
+``max_perplexity.<metric>``      every ``eval.*perplexity*`` figure <= ``gate.max_perplexity`` (when set)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from qalora.config import GateParams
+
+BIT_EXACT = "check.passed"
+LOGIT_ERROR = "check.logits.max_rel_error"
+DECODE_SPEEDUP = "benchmark.decode_speedup.b1"
+
+_HIGHER = {"acc", "acc_norm", "accuracy", "exact_match", "em", "f1", "mcc", "mc1", "mc2", "bleu", "rouge1",
+           "rouge2", "rougeL", "rougel"}
+_LOWER = {"perplexity", "ppl", "word_perplexity", "byte_perplexity", "token_perplexity", "bits_per_byte"}
+
+
+def metric_direction(name: str) -> str | None:
+    """``"higher"`` / ``"lower"`` is better for an ``eval.*`` figure; None if it is not a quality metric.
+
+    The last dotted component decides (lm-eval's ``acc,none`` filter suffix is ignored), so
+    ``eval.arc_easy.acc`` is higher-is-better, ``eval.wiki.perplexity`` lower-is-better, and
+    ``eval.arc_easy.acc_stderr``, ``eval.wiki_ppl.nll`` (perplexity says it) or ``eval.mmlu.n`` are not compared.
+    """
+    if not name.startswith("eval."):
+        return None
+    leaf = name.rsplit(".", 1)[-1].split(",", 1)[0]
+    if leaf.endswith("_stderr"):
+        return None
+    if leaf in _LOWER or leaf.endswith("perplexity"):
+        return "lower"
+    if leaf in _HIGHER or leaf.startswith("exact_match_"):  # lm-eval filters: exact_match_strict-match
+        return "higher"
+    return None
+
+
+def _number(figures: Mapping[str, Any] | None, key: str) -> float | None:
+    """The figure as a finite-or-not float, or None when missing / not a number."""
+    if not figures or key not in figures:
+        return None
+    value = figures[key]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _rule(rule: str, passed: bool, value: Any, threshold: Any, message: str) -> dict[str, Any]:
+    return {"rule": rule, "passed": bool(passed), "value": value, "threshold": threshold, "message": message}
+
+
+def _missing(rule: str, key: str, threshold: Any, why: str) -> dict[str, Any]:
+    return _rule(rule, False, None, threshold, f"figure {key} is missing: {why}")
+
+
+def _not_finite(rule: str, key: str, value: float, threshold: Any) -> dict[str, Any]:
+    return _rule(rule, False, value, threshold, f"{key} = {value} is not a finite number")
+
+
+def _bit_exact(figures: Mapping[str, Any], p: GateParams) -> dict[str, Any]:
+    if not p.require_bit_exact:
+        return _rule("bit_exact", True, _number(figures, BIT_EXACT), None, "not required (gate.require_bit_exact = false)")
+    v = _number(figures, BIT_EXACT)
+    if v is None:
+        return _missing("bit_exact", BIT_EXACT, 1.0, "the bit-exactness check did not run")
+    ok = v == 1.0
+    return _rule("bit_exact", ok, v, 1.0,
+                 "merged model is bit-exact (codes, scales, logits, deploy, roundtrip)" if ok
+                 else f"{BIT_EXACT} = {v:g}: the bit-exactness check failed")
+
+
+def _logit_error(figures: Mapping[str, Any], p: GateParams) -> dict[str, Any]:
+    bound = p.max_logit_rel_error
+    v = _number(figures, LOGIT_ERROR)
+    if v is None:
+        return _missing("logit_error", LOGIT_ERROR, bound, "the check stage's logits comparison did not run")
+    if not math.isfinite(v):
+        return _not_finite("logit_error", LOGIT_ERROR, v, bound)
+    ok = v <= bound
+    return _rule("logit_error", ok, v, bound,
+                 f"{LOGIT_ERROR} = {v:.3g} {'<=' if ok else '>'} gate.max_logit_rel_error = {bound:g}")
+
+
+def _decode_speedup(figures: Mapping[str, Any], p: GateParams) -> dict[str, Any]:
+    need = p.min_decode_speedup
+    v = _number(figures, DECODE_SPEEDUP)
+    if need is None:
+        return _rule("decode_speedup", True, v, None, "no rule (gate.min_decode_speedup is null)")
+    if v is None:
+        return _missing("decode_speedup", DECODE_SPEEDUP, need,
+                        "the benchmark stage did not run or measured no batch-1 decode against fp")
+    if not math.isfinite(v):
+        return _not_finite("decode_speedup", DECODE_SPEEDUP, v, need)
+    ok = v >= need
+    return _rule("decode_speedup", ok, v, need,
+                 f"low-bit decode is {v:.3g}x fp at batch 1 ({'>=' if ok else '<'} gate.min_decode_speedup = {need:g})")
+
+
+def _no_regression(figures: Mapping[str, Any], champion: Mapping[str, Any] | None, p: GateParams) -> list[dict[str, Any]]:
+    if champion is None:
+        return [_rule("no_regression", True, None, None, "no champion yet")]
+    tol = p.metric_tolerance
+    ours = {k for k in figures if metric_direction(k) and _number(figures, k) is not None}
+    theirs = {k for k in champion if metric_direction(k) and _number(champion, k) is not None}
+    common = sorted(ours & theirs)
+    if not common:
+        msg = "no eval metric in common with the champion"
+        if theirs:
+            msg += f" (champion has {', '.join(sorted(theirs)[:6])}{'...' if len(theirs) > 6 else ''})"
+        return [_rule("no_regression", True, None, None, msg)]
+    rules = []
+    for key in common:
+        v, c = _number(figures, key), _number(champion, key)
+        name = f"no_regression.{key}"
+        if not math.isfinite(c):
+            rules.append(_rule(name, True, v, None, f"champion's {key} = {c} is not finite: nothing to compare"))
+            continue
+        if metric_direction(key) == "lower":
+            bound = c * (1 + tol)
+            ok = math.isfinite(v) and v <= bound
+            msg = (f"{key} = {v:.4g} {'<=' if ok else '>'} champion {c:.4g} x (1 + {tol:g}) = {bound:.4g}"
+                   " (lower is better)")
+        else:
+            bound = c - tol
+            ok = math.isfinite(v) and v >= bound
+            msg = f"{key} = {v:.4g} {'>=' if ok else '<'} champion {c:.4g} - {tol:g} = {bound:.4g}"
+        rules.append(_rule(name, ok, v, bound, msg))
+    missing = sorted(theirs - ours)
+    if missing:
+        # Not a failure by the rule's definition (compared: metrics present in both), but say so.
+        rules.append(_rule("no_regression", True, None, None,
+                           f"not compared, missing in this run: {', '.join(missing[:6])}{'...' if len(missing) > 6 else ''}"))
+    return rules
+
+
+def _floors(figures: Mapping[str, Any], p: GateParams) -> list[dict[str, Any]]:
+    rules = []
+    for key, floor in sorted(p.floors.items()):
+        name = f"floor.{key}"
+        v = _number(figures, key)
+        if v is None:
+            rules.append(_missing(name, key, floor, "the stage that produces it did not run or did not report it"))
+        elif not math.isfinite(v):
+            rules.append(_not_finite(name, key, v, floor))
+        else:
+            ok = v >= floor
+            rules.append(_rule(name, ok, v, floor, f"{key} = {v:.4g} {'>=' if ok else '<'} floor {floor:g}"))
+    return rules
+
+
+def _max_perplexity(figures: Mapping[str, Any], p: GateParams) -> list[dict[str, Any]]:
+    limit = p.max_perplexity
+    if limit is None:
+        return []
+    keys = sorted(k for k in figures if metric_direction(k) == "lower" and "perplexity" in k.rsplit(".", 1)[-1])
+    if not keys:
+        return [_rule("max_perplexity", False, None, limit,
+                      "no eval.*perplexity figure: the perplexity evaluation did not run")]
+    rules = []
+    for key in keys:
+        v = _number(figures, key)
+        name = f"max_perplexity.{key}"
+        if v is None or not math.isfinite(v):
+            rules.append(_rule(name, False, v, limit, f"{key} = {v} is not a finite number"))
+            continue
+        ok = v <= limit
+        rules.append(_rule(name, ok, v, limit, f"{key} = {v:.4g} {'<=' if ok else '>'} gate.max_perplexity = {limit:g}"))
+    return rules
+
+
+def decide(figures: Mapping[str, float], champion: Mapping[str, float] | None, params: GateParams) -> dict[str, Any]:
+    """Apply every rule; ``passed`` only when all pass. ``champion`` is the champion's figures or None."""
+    figures = dict(figures or {})
+    rules = [
+        _bit_exact(figures, params),
+        _logit_error(figures, params),
+        _decode_speedup(figures, params),
+        *_no_regression(figures, champion, params),
+        *_floors(figures, params),
+        *_max_perplexity(figures, params),
+    ]
+    failed = [r["rule"] for r in rules if not r["passed"]]
+    return {"passed": not failed, "rules": rules, "failed": failed}
