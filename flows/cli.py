@@ -15,6 +15,7 @@ def orchestration_env() -> None:
 
     for key, value in {"PREFECT_HOME": str(state_dir() / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                        "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
                        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING")}.items():
         os.environ.setdefault(key, value)

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from qalora import gate, report
 from qalora.config import Params, load_params
 from qalora.paths import resolve_path
-from qalora.manifest import code_version, git_state, package_versions, read_json, sha256_bytes, write_json_atomic
+from qalora.manifest import code_version, git_state, package_versions, read_json, sha256_bytes
 from tasks import dvc_data, mlflow_tracking
 from tasks.check import REPORT as CHECK_REPORT
 from tasks.check import check_task
@@ -130,16 +130,15 @@ def qalora_pipeline(
             stages["evaluate"], ev = _evaluate(p, paths, stages["merge"], data_md5)
             extra["figures"] |= ev["figures"]
             extra["accuracy"] = ev["accuracy"]
-        for name, res in stages.items():
-            run.log_stage(name, res.metrics | {"cached": float(res.cached)},
-                          artifacts=[f for f in Path(res.dir).glob("*.json")])
-
         summary = build_summary(run_name, lineage, stages, extra)
+        for name, res in stages.items():
+            series = {"loss": [(r["step"], r["loss"]) for r in summary["loss_curve"]]} if name == "tune" else None
+            run.log_stage(name, res.metrics | {"cached": float(res.cached)},
+                          artifacts=[f for f in Path(res.dir).glob("*.json")], series=series)
+
         decision = gate.decide(summary["figures"], champion["figures"] if champion else None, p.gate)
         report_dir = root / "reports" / run_name
-        report_md = report.write_report(report_dir, summary, decision)
-        write_json_atomic(report_dir / "summary.json", summary)  # `qalora report --run` re-renders from these
-        write_json_atomic(report_dir / "decision.json", decision)
+        report_md = report.write_report(report_dir, summary, decision)  # + summary.json, decision.json
         run.log_artifacts(report_dir, "report")
         registered = mlflow_tracking.register_and_gate(run.run_id, Path(stages["merge"].dir),
                                                        p.tracking.registered_model, decision,
