@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine with Python 3.11 and pip:
-#   make run    install, unpack the embedded default's sources, run the stage chain on SmolLM2-135M
+#   make run    install, build the DVC-versioned data, run the whole pipeline on SmolLM2-135M
 #   make test   install, unpack sources, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,6 @@ PY := $(VENV)/bin/python
 QALORA := $(VENV)/bin/qalora
 INSTALLED := $(VENV)/.installed
 SOURCES := $(QALORA_HOME)/sources/.done
-RUN_DIR ?= $(QALORA_HOME)/runs/default
 PARAMS ?= params/default.yaml
 PYTEST_ARGS ?=
 
@@ -35,13 +34,10 @@ $(SOURCES): scripts/fetch_sources.sh | $(INSTALLED)
 	bash scripts/fetch_sources.sh $(QALORA_HOME)/sources $(PY)
 	touch $@
 
+# data build regenerates data/ from the pinned sources (same bytes, same data.dvc md5) and tracks it.
 run: install
-	$(QALORA) quantize --params $(PARAMS) --out $(RUN_DIR)/quantized
-	$(QALORA) tune --params $(PARAMS) --base $(RUN_DIR)/quantized --out $(RUN_DIR)/adapter
-	$(QALORA) merge --base $(RUN_DIR)/quantized --adapter $(RUN_DIR)/adapter --out $(RUN_DIR)/merged
-	$(QALORA) check --params $(PARAMS) --base $(RUN_DIR)/quantized --adapter $(RUN_DIR)/adapter \
-		--merged $(RUN_DIR)/merged --json $(RUN_DIR)/check.json
-	@echo "merged low-bit model: $(RUN_DIR)/merged   check report: $(RUN_DIR)/check.json"
+	$(QALORA) data build
+	$(QALORA) run --params $(PARAMS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

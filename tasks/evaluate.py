@@ -18,7 +18,7 @@ def _write(out: Path, p: Params, merged: StageResult, eval_dir: Path, heldout: P
     tasks = list(e.tasks) + (["wiki_ppl"] if e.perplexity else [])
     with atomic_output_dir(out) as tmp:
         result = evaluate_path(merged.dir, tasks, json_out=tmp / RESULT, data_dir=eval_dir, ppl_text=heldout,
-                               num_fewshot=e.num_fewshot, limit=e.limit, batch_size=e.batch_size,
+                               num_fewshot=e.num_fewshot, limit=e.limits(), batch_size=e.batch_size,
                                ppl_context=e.perplexity_context, ppl_max_tokens=e.perplexity_max_tokens)
         write_manifest(tmp, "evaluate", e.model_dump(), inputs={"merged": merged.key},
                        extra={"metrics": result["metrics"]})

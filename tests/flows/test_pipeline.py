@@ -42,7 +42,7 @@ def project(tmp_path, state_dir):
         "quantize": {"method": "rtn", "bits": 4, "group_size": 32},
         "tune": {"steps": 2, "lr": 5e-3, "warmup_steps": 0, "save_every": 100},
         "check": {"prompts": ["hi"], "max_new_tokens": 3},
-        "benchmark": {"enabled": False},
+        "benchmark": {"batch_sizes": [1, 2], "decode_tokens": 2, "prefill_lengths": [8]},
         "evaluate": {"tasks": [], "perplexity": True, "perplexity_context": 32, "perplexity_max_tokens": 256},
         "tracking": {"registered_model": "tiny-qalora"},
     }
@@ -61,6 +61,7 @@ def test_promote_reject_and_skip(project, prefect_server):
     assert first["passed"] and not first["skipped"] and first["cached"] == []
     assert (project / "reports" / first["run_name"] / "report.md").is_file()
     assert first["figures"]["check.passed"] == 1.0
+    assert first["figures"]["benchmark.decode_tok_s.lowbit.b1"] > 0 and "benchmark.decode_speedup.b2" in first["figures"]
     assert "eval.wiki_ppl.perplexity" in first["figures"] or any(k.startswith("eval.wiki") for k in first["figures"])
 
     champ = mlflow_tracking.champion("tiny-qalora")
@@ -72,7 +73,7 @@ def test_promote_reject_and_skip(project, prefect_server):
     second = qalora_pipeline(params_file=params, overrides=["gate.floors={check.passed: 2.0}"],
                              project_dir=str(project))
     assert not second["passed"]
-    assert set(second["cached"]) >= {"quantize", "tune", "merge", "check", "evaluate"}
+    assert set(second["cached"]) == {"quantize", "tune", "merge", "check", "benchmark", "evaluate"}
     assert mlflow_tracking.champion("tiny-qalora")["version"] == first["version"]
     version = mlflow.MlflowClient().get_model_version("tiny-qalora", second["version"])
     assert version.tags.get("decision") == "rejected"
