@@ -1,0 +1,79 @@
+"""The decode/prefill harness against transformers' forward on a tiny quantized LLaMA (CUDA),
+and the CLI/CPU fallback of ``qalora bench`` (CPU, small)."""
+
+import json
+
+import pytest
+import torch
+
+from qalora.kernels import triton_available
+from qalora.lowbit import LowBitLinear
+from qalora.model_io import set_submodule
+from tests.conftest import tiny_llama
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_minmax(model, bits, g):
+    """Min-max RTN with float zeros (no qalora.quantize: its config needs pydantic)."""
+    for name, mod in list(model.named_modules()):
+        if name.split(".")[-1] in PROJ:
+            w = mod.weight.detach().float().reshape(mod.out_features, -1, g)
+            lo, hi = w.amin(-1), w.amax(-1)
+            s = ((hi - lo) / ((1 << bits) - 1)).clamp(min=1e-6).half().float()
+            z = -lo / s + 0.25  # a float zero, as after a QA-LoRA merge
+            q = torch.clamp(torch.round(w / s[..., None] + z[..., None]), 0, (1 << bits) - 1)
+            lay = LowBitLinear(mod.in_features, mod.out_features, bits, g)
+            lay.set_quantized(q.reshape(mod.out_features, -1), s, z)
+            set_submodule(model, name, lay)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not triton_available(), reason="needs CUDA and triton")
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_harness_matches_transformers(bits):
+    from qalora.bench import Harness, _graph, model_source
+
+    m = tiny_llama(seed=bits)
+    quantize_minmax(m, bits, 32)
+    m = m.cuda()
+    ids = torch.randint(0, 256, (12,), device="cuda")
+    with torch.no_grad():
+        ref = m(input_ids=ids[None]).logits[0].double()
+    dt = torch.bfloat16
+    src = model_source(m, torch.device("cuda"), dt)
+    for mode in ("lowbit", "dense", "dense_cublas"):
+        hn = Harness(src, mode, dt)
+        hn.alloc(1, 32)
+        with torch.no_grad():
+            lp = hn.prefill(ids)
+            assert float((lp.double() - ref[-1]).norm() / ref[-1].norm()) < 3e-2, mode
+            hn.pos.fill_(0)
+            g = _graph(hn.decode_step, warmup=0)
+            for i in range(len(ids)):
+                hn.tok.fill_(int(ids[i]))
+                g.replay()
+                err = float((hn.logits[0].double() - ref[i]).norm() / ref[i].norm())
+                assert err < 3e-2, (mode, i, err)
+        assert int(hn.pos) == len(ids)
+
+
+def test_bench_cli_cpu_tiny(tmp_path, monkeypatch):
+    import argparse
+
+    from qalora import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parser = argparse.ArgumentParser()
+    bench.add_cli(parser.add_subparsers(dest="cmd"))
+    out = tmp_path / "b.json"
+    args = parser.parse_args(["bench", "--synthetic", "tiny", "--bits", "4", "--group-size", "64", "--batch", "1,2",
+                              "--prefill", "16", "--steps", "2", "--reps", "1", "--json", str(out)])
+    assert args.func(args) == 0
+    res = json.loads(out.read_text())
+    assert res["env"]["device"] == "cpu"
+    for mode in ("lowbit", "dense"):
+        assert set(res[mode]["decode"]) == {"1", "2"}
+        assert res[mode]["decode"]["1"]["tokens_per_s"] > 0
+        assert res[mode]["prefill_ms"]["16"] > 0
+    assert set(res["ratio_lowbit_over_dense"]["decode"]) == {"1", "2"}

@@ -1,0 +1,90 @@
+"""CPU paths: torch's int4pack CPU kernel against the reference dequant, its error bound, the
+dispatcher and prepare_for_inference (CPU, fast)."""
+
+import pytest
+import torch
+
+from qalora.kernels import PreparedLowBitLinear, lowbit_linear, prepare_for_inference, prepare_layer, select_backend
+from qalora.kernels.cpu import int4_error_bound, int4_linear, int4pack_available
+from qalora.lowbit import LowBitLinear
+
+needs_int4 = pytest.mark.skipif(not int4pack_available(), reason="torch lacks _weight_int4pack_mm_for_cpu")
+
+
+def _layer(bits, n=64, k=256, g=64, seed=0, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    lay = LowBitLinear(k, n, bits, g, bias=bias)
+    # float zeros as a QA-LoRA merge leaves them
+    lay.set_quantized(torch.randint(0, 1 << bits, (n, k), generator=gen),
+                      torch.rand(n, k // g, generator=gen) * 0.02 + 0.001,
+                      torch.rand(n, k // g, generator=gen) * ((1 << bits) - 1) + torch.randn(n, k // g, generator=gen))
+    if bias:
+        lay.bias.copy_(torch.randn(n, generator=gen))
+    return lay
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@needs_int4
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_int4pack_fp32_matches_reference(g):
+    lay = _layer(4, g=g, bias=True)
+    x = torch.randn(5, 256)
+    pw = prepare_layer(lay, cpu_int4=True)
+    y = int4_linear(x, *pw.cpu_int4, g, pw.bias)
+    ref = x.double() @ lay.dequantized_weight().double().t() + lay.bias.double()
+    assert _rel(y, ref) < 1e-6  # fp32 scale/zero: fp32 rounding only
+
+
+@needs_int4
+def test_int4pack_bf16_error_within_bound():
+    """bf16 operands round zp = s(8 - z) and s: measured error stays under the analytic bound,
+    and the exact (fp32) path is what the dispatcher uses."""
+    lay = _layer(4, n=128, k=512, g=128, seed=3)
+    pw = prepare_layer(lay, cpu_int4=True)
+    eye = torch.eye(512)
+    w_fast = int4_linear(eye.bfloat16(), *pw.cpu_int4, 128, exact=False).float().t()  # [N, K] as computed
+    w_ref = lay.dequantized_weight()
+    bound = int4_error_bound(lay.scales, lay.zeros, torch.bfloat16)
+    out_round = w_ref.abs().max().item() * 2.0**-8  # the bf16 output cast itself
+    assert (w_fast - w_ref).abs().max().item() <= bound + out_round
+    w_exact = int4_linear(eye, *pw.cpu_int4, 128).t()
+    assert (w_exact - w_ref).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dispatch_cpu(bits):
+    lay = _layer(bits, g=64)
+    x = torch.randn(3, 256)
+    be = select_backend("cpu", bits, 64, 256)
+    assert be == ("int4pack" if bits == 4 and int4pack_available() else "dequant")
+    ref = lay(x)
+    y = lowbit_linear(x, prepare_layer(lay, cpu_int4=True))
+    assert _rel(y, ref) < 1e-5
+    assert _rel(lowbit_linear(x, lay), ref) < 1e-5
+
+
+def test_prepare_for_inference_keeps_state_dict():
+    model = torch.nn.Sequential(_layer(4, g=64), torch.nn.ReLU(), _layer(3, n=256, k=64, g=32, seed=1))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 256)
+    ref = model(x)
+    prepare_for_inference(model)
+    assert all(isinstance(m, PreparedLowBitLinear) for m in (model[0], model[2]))
+    assert isinstance(model[0], LowBitLinear)
+    assert sd.keys() == model.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    assert _rel(model(x), ref) < 1e-5
+    prepare_for_inference(model)  # idempotent
+    with pytest.raises(ValueError, match="unknown backend"):
+        PreparedLowBitLinear.from_layer(_layer(4), "nope")
+
+
+def test_kernels_import_without_triton_side_effects():
+    import sys
+
+    import qalora.kernels  # noqa: F401
+
+    assert "qalora.kernels.gpu" not in sys.modules or torch.cuda.is_available()
