@@ -4,7 +4,7 @@
 2. scales     scales (and every other tensor but the zeros) identical; only zeros moved
 3. logits     merged vs unmerged (base + adapter) logits in fp32: max relative L2 error <= rel_tol,
               greedy continuations token-identical
-4. deploy     the deploy matmul path of every merged layer vs an fp64 reference dequant matmul,
+4. deploy     the deploy kernel of every merged layer (qalora.kernels) vs an fp64 dequant matmul,
               within the dtype's rounding bound (D_in * eps, the classic dot-product bound)
 5. roundtrip  save -> reload of the merged model reproduces every tensor byte for byte
 """
@@ -72,8 +72,11 @@ def _check_logits(unmerged, merged, tokenizer, p: CheckParams) -> dict[str, Any]
 
 @torch.no_grad()
 def _check_deploy(merged, dtype: torch.dtype = torch.float32, rows: int = 4) -> dict[str, Any]:
-    """Deploy path here is LowBitLinear.forward in ``dtype`` on the model's device."""
-    worst, worst_layer = 0.0, None
+    """The deploy kernel each layer gets on its device (qalora.kernels: int4pack on CPU for 4-bit,
+    Triton on CUDA, dequant otherwise) in ``dtype``, vs an fp64 dequant matmul."""
+    from qalora.kernels import PreparedLowBitLinear
+
+    worst, worst_layer, backends = 0.0, None, set()
     g = torch.Generator().manual_seed(0)
     eps = torch.finfo(dtype).eps
     for name, layer in lowbit_layers(merged).items():
@@ -81,11 +84,13 @@ def _check_deploy(merged, dtype: torch.dtype = torch.float32, rows: int = 4) -> 
         w = layer.dequantized_weight().double()
         ref = x @ w.t()
         scale = x.abs() @ w.abs().t()  # |x| |W|: the magnitude the rounding bound scales with
-        out = layer(x.to(dtype)).double()
+        deploy = PreparedLowBitLinear.from_layer(layer)
+        backends.add(deploy.backend)
+        out = deploy(x.to(dtype)).double()
         err = ((out - ref).abs() / (scale * layer.in_features * eps + 1e-30)).max().item()
         if err > worst:
             worst, worst_layer = err, name
-    return {"passed": worst <= 1.0, "dtype": str(dtype).removeprefix("torch."),
+    return {"passed": worst <= 1.0, "dtype": str(dtype).removeprefix("torch."), "backends": sorted(backends),
             "max_error_over_bound": worst, "worst_layer": worst_layer}
 
 

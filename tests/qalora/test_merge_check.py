@@ -30,6 +30,7 @@ def test_merge_is_exact_after_tuning(tmp_path, bits, group_size):
     assert checks["logits"]["max_rel_error"] <= 1e-3
     assert checks["logits"]["greedy_identical_prompts"] == 2
     assert checks["roundtrip"]["weights_file_identical"]
+    assert checks["deploy"]["backends"] == (["int4pack"] if bits == 4 else ["dequant"])  # CPU deploy kernels
 
 
 def test_check_fails_when_codes_change(tmp_path):
