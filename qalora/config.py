@@ -108,8 +108,8 @@ class EvaluateParams(_Section):
     tasks: list[str] = Field(default_factory=lambda: ["mmlu", "arc_easy", "hellaswag", "piqa", "winogrande",
                                                         "boolq", "arc_challenge", "openbookqa"])
     num_fewshot: int | None = Field(None, ge=0, description="null = lm-eval's default per task (MMLU 5, others 0)")
-    limit: int | None = Field(50, ge=1, description="examples per task (per subject for MMLU); null = all")
-    limit_per_task: dict[str, int] = Field(default_factory=lambda: {"mmlu": 5},
+    limit: int | None = Field(20, ge=1, description="examples per task (per subject for MMLU); null = all")
+    limit_per_task: dict[str, int] = Field(default_factory=lambda: {"mmlu": 2},
                                            description="task -> limit, overriding `limit` (MMLU: per subject)")
     batch_size: int = Field(8, ge=1)
     perplexity: bool = True
