@@ -9,7 +9,7 @@ import torch
 from qalora.kernels import triton_available
 from qalora.lowbit import LowBitLinear
 from qalora.model_io import set_submodule
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
