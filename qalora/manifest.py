@@ -146,11 +146,85 @@ def write_manifest(
     return manifest
 
 
-def code_version() -> str:
-    """sha256 over the qalora package's source files: the code part of every stage cache key."""
-    root = Path(__file__).resolve().parent
+def code_version(*entry_modules: str) -> str:
+    """sha256 over source files: the code part of stage cache keys and of run lineage.
+
+    With no argument: every source and data file of the qalora package (run lineage). With entry
+    modules (``"tasks.tune"``): only the files those modules can execute, i.e. the closure of their
+    imports inside qalora and the entries' own top-level packages, plus the package data (yaml/json)
+    of every package in it. So editing the kernels re-runs the benchmark stage but not the tune.
+    """
+    if not entry_modules:
+        root = Path(__file__).resolve().parent
+        files = [p for p in sorted(root.rglob("*")) if _is_source(p)]
+        return _hash_files(files, root.parent)
+    files = sorted(_import_closure(entry_modules))
+    return _hash_files(files, Path(os.path.commonpath([str(f.parent) for f in files])))
+
+
+_SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".json")
+
+
+def _is_source(path: Path) -> bool:
+    return path.is_file() and path.suffix in _SOURCE_SUFFIXES and "__pycache__" not in path.parts
+
+
+def _hash_files(files: list[Path], root: Path) -> str:
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".yaml", ".json") and "__pycache__" not in path.parts:
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in files:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def _module_file(name: str) -> Path | None:
+    """The file that defines module ``name`` (``pkg/mod.py`` or ``pkg/__init__.py``), found without
+    importing anything below the top-level package."""
+    import importlib.util
+
+    top, *rest = name.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    base = Path(list(spec.submodule_search_locations)[0]).joinpath(*rest)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate.resolve()
+    return None
+
+
+def _package_data(package: Path) -> set[Path]:
+    """yaml/json files of ``package``: in its folder and in subfolders that are not packages."""
+    def own(path: Path) -> bool:
+        between = path.relative_to(package).parents
+        return not any((package / d / "__init__.py").is_file() for d in between if d != Path("."))
+
+    return {p.resolve() for p in package.rglob("*") if _is_source(p) and p.suffix != ".py" and own(p)}
+
+
+def _import_closure(entry_modules: tuple[str, ...]) -> set[Path]:
+    """Files of ``entry_modules`` and of every module they import (at any depth, lazily or not)
+    inside qalora and the entry modules' top-level packages, their parent ``__init__``s, and package data."""
+    import ast
+
+    tops = {"qalora"} | {m.split(".")[0] for m in entry_modules}
+    todo, seen, files = list(entry_modules), set(), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in tops:
+            continue
+        seen.add(name)
+        path = _module_file(name)
+        if path is None:
+            continue
+        files.add(path)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parents' __init__ run too
+        if path.name == "__init__.py":
+            files.update(_package_data(path.parent))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                todo.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo.append(node.module)
+                todo.extend(f"{node.module}.{alias.name}" for alias in node.names)  # may be submodules
+    return files

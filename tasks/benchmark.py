@@ -51,4 +51,5 @@ def benchmark_task(p: Params, merged: StageResult) -> StageResult:
     device = p.benchmark.device if p.benchmark.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     material = {"params": p.benchmark.model_dump(), "merged": merged.key, "device": name}
-    return run_cached("benchmark", device, material, lambda out: _write(out, p, merged, device))
+    return run_cached("benchmark", device, material, lambda out: _write(out, p, merged, device),
+                      code_module=__name__)

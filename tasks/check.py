@@ -29,4 +29,5 @@ def _write(out: Path, p: Params, base: StageResult, adapter: StageResult, merged
 @task(name="check", cache_policy=NONE)
 def check_task(p: Params, base: StageResult, adapter: StageResult, merged: StageResult) -> StageResult:
     material = {"params": p.check.model_dump(), "base": base.key, "adapter": adapter.key, "merged": merged.key}
-    return run_cached("check", "check", material, lambda out: _write(out, p, base, adapter, merged))
+    return run_cached("check", "check", material, lambda out: _write(out, p, base, adapter, merged),
+                      code_module=__name__)

@@ -27,4 +27,5 @@ def _write(out: Path, p: Params, merged: StageResult, eval_dir: Path, heldout: P
 @task(name="evaluate", cache_policy=NONE)
 def evaluate_task(p: Params, merged: StageResult, eval_dir: Path, heldout: Path, data_md5: str) -> StageResult:
     material = {"params": p.evaluate.model_dump(), "merged": merged.key, "data": data_md5}
-    return run_cached("evaluate", "eval", material, lambda out: _write(out, p, merged, eval_dir, heldout))
+    return run_cached("evaluate", "eval", material, lambda out: _write(out, p, merged, eval_dir, heldout),
+                      code_module=__name__)

@@ -20,4 +20,5 @@ def quantize_task(p: Params, calibration: Path) -> StageResult:
     material = {"params": p.quantize.model_dump(), "model": source_identity(source),
                 "calibration": sha256_file(calibration) if gptq else None}
     return run_cached("quantize", p.quantize.tag, material, lambda out: quantize_to_folder(
-        source, out, p.quantize, calibration if gptq else None, trust_remote_code=p.model.trust_remote_code))
+        source, out, p.quantize, calibration if gptq else None, trust_remote_code=p.model.trust_remote_code),
+                      code_module=__name__)

@@ -1,8 +1,9 @@
 """Content-addressed stage folders: a stage's folder name is a hash of everything it depends on.
 
-``key = sha256(stage, stage params, input hashes, code version)``; a folder with a manifest.json is
-finished (stages write atomically), so a re-run with the same key skips the stage. A tune
-interrupted mid-way left checkpoints next to its folder, so the re-run resumes it.
+``key = sha256(stage, stage params, input hashes, code version)``, where the code version hashes
+only the files the stage's task module can run (:func:`qalora.manifest.code_version`). A folder
+with a manifest.json is finished (stages write atomically), so a re-run with the same key skips the
+stage. A tune interrupted mid-way left checkpoints next to its folder, so the re-run resumes it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def stage_key(stage: str, material: dict[str, Any]) -> str:
-    blob = json.dumps({"stage": stage, "code": code_version(), **material}, sort_keys=True, default=str)
+def stage_key(stage: str, material: dict[str, Any], code_module: str) -> str:
+    blob = json.dumps({"stage": stage, "code": code_version(code_module), **material}, sort_keys=True, default=str)
     return sha256_bytes(blob.encode())
 
 
@@ -46,11 +47,14 @@ def result_from(stage: str, folder: Path, key: str, cached: bool) -> StageResult
     return StageResult(stage, str(folder), key, cached, metrics)
 
 
-def run_cached(stage: str, tag: str, material: dict[str, Any], build) -> StageResult:
-    """Return the finished folder for this key, or call ``build(folder)`` to make it."""
+def run_cached(stage: str, tag: str, material: dict[str, Any], build, code_module: str) -> StageResult:
+    """Return the finished folder for this key, or call ``build(folder)`` to make it.
+
+    ``code_module``: the task module (its ``__name__``) whose import closure versions the stage.
+    """
     from prefect import get_run_logger
 
-    key = stage_key(stage, material)
+    key = stage_key(stage, material, code_module)
     folder = stage_dir(stage, tag, key)
     if finished(folder):
         get_run_logger().info("%s: cached, reusing %s", stage, folder)

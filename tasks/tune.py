@@ -15,4 +15,5 @@ from tasks.stage_cache import StageResult, run_cached
 def tune_task(p: Params, base: StageResult, train: Path) -> StageResult:
     material = {"params": p.tune.model_dump(), "base": base.key, "data": sha256_file(train)}
     tag = f"r{p.tune.rank}.s{p.tune.steps}"
-    return run_cached("tune", tag, material, lambda out: tune(base.dir, train, out, p.tune))
+    return run_cached("tune", tag, material, lambda out: tune(base.dir, train, out, p.tune),
+                      code_module=__name__)

@@ -282,6 +282,24 @@ def test_adapter_path_equals_merged_model(tmp_path, state_dir):
         ev.load_eval_model(fp, adapter=tmp_path / "adapter")
 
 
+def test_lowbit_eval_model_dequantizes_once(tmp_path):
+    """Eval caches each frozen layer's dequantized weight and answers exactly as the uncached model."""
+    import torch
+
+    from qalora.checkpoint import load_lowbit_model, lowbit_layers
+
+    folder = save_tiny_base(tmp_path / "int4")
+    cached, _, _ = ev.load_eval_model(folder, device="cpu")
+    plain, _, _ = load_lowbit_model(folder, dtype=torch.float32, device="cpu")
+    ids = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        first, second, reference = cached(ids).logits, cached(ids).logits, plain(ids).logits
+    layers = lowbit_layers(cached).values()
+    assert layers and all(layer.cache_dequantized and layer._cached is not None for layer in layers)
+    assert not any(layer.cache_dequantized for layer in lowbit_layers(plain).values())
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+
+
 # --- missing data ---------------------------------------------------------------------------------
 
 def test_missing_data_error_names_path_and_command(tmp_path, state_dir):
