@@ -27,7 +27,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = qalora_pipeline(params_file=str(args.params), overrides=args.set or [], project_dir=str(args.project_dir),
                              scheduled=args.scheduled)
-    print(json.dumps({k: v for k, v in result.items() if k != "figures"}, indent=2))
+    # Prefect logs only warnings to the console by default, so the decision is printed here too.
+    print(result["message"])
+    print(json.dumps({k: v for k, v in result.items() if k not in ("figures", "message")}, indent=2))
     return 0
 
 

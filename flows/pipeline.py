@@ -147,7 +147,8 @@ def qalora_pipeline(
     lines = [f"gate: {verdict} ({p.tracking.registered_model} v{registered['version']})"]
     lines += [f"  {'ok  ' if r['passed'] else 'FAIL'} {r['rule']}: {r['message']}" for r in decision["rules"]]
     lines.append(f"report: {report_md}")
-    print("\n".join(lines))
+    decision_text = "\n".join(lines)
+    print(decision_text)
     create_markdown_artifact(
         key="qalora-run", description=f"qalora run {run_name}",
         markdown=f"# {run_name}\n\n**{verdict}** — model version {registered['version']}\n\n"
@@ -156,4 +157,5 @@ def qalora_pipeline(
     )
     log.info("cached stages: %s", [n for n, r in stages.items() if r.cached])
     return {"skipped": False, "run_name": run_name, "passed": decision["passed"], "version": registered["version"],
-            "report": str(report_md), "cached": [n for n, r in stages.items() if r.cached], "figures": summary["figures"]}
+            "report": str(report_md), "cached": [n for n, r in stages.items() if r.cached], "figures": summary["figures"],
+            "message": decision_text}

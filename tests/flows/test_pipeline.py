@@ -59,6 +59,7 @@ def test_promote_reject_and_skip(project, prefect_server):
     params = str(project / "params.yaml")
     first = qalora_pipeline(params_file=params, project_dir=str(project))
     assert first["passed"] and not first["skipped"] and first["cached"] == []
+    assert first["message"].startswith(f"gate: PROMOTED to champion (tiny-qalora v{first['version']})")
     assert (project / "reports" / first["run_name"] / "report.md").is_file()
     assert first["figures"]["check.passed"] == 1.0
     assert first["figures"]["benchmark.decode_tok_s.lowbit.b1"] > 0 and "benchmark.decode_speedup.b2" in first["figures"]
@@ -73,6 +74,8 @@ def test_promote_reject_and_skip(project, prefect_server):
     second = qalora_pipeline(params_file=params, overrides=["gate.floors={check.passed: 2.0}"],
                              project_dir=str(project))
     assert not second["passed"]
+    assert "gate: REJECTED" in second["message"] and "FAIL floor.check.passed" in second["message"]
+    assert second["message"].endswith(f"report: {second['report']}")
     assert set(second["cached"]) == {"quantize", "tune", "merge", "check", "benchmark", "evaluate"}
     assert mlflow_tracking.champion("tiny-qalora")["version"] == first["version"]
     version = mlflow.MlflowClient().get_model_version("tiny-qalora", second["version"])
