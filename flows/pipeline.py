@@ -55,6 +55,8 @@ def _history(adapter: StageResult) -> list[dict[str, float]]:
 def build_summary(run_name: str, lineage: dict, stages: dict[str, StageResult], extra: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, float] = {}
     for name, res in stages.items():
+        if name in ("benchmark", "evaluate"):  # named for the gate and report in ``extra``; no duplicates
+            continue
         figures |= {f"{name}.{k}": v for k, v in res.metrics.items()}
     check = read_json(Path(stages["check"].dir) / CHECK_REPORT, "check report")
     figures["check.passed"] = float(check["passed"])
