@@ -6,7 +6,8 @@ attention, O, RMSNorm, fused gate|up, SiLU*up, down}, final norm, lm_head) with 
 one decode step is captured in a CUDA graph and replayed, so the loop is not launch-bound. The
 low-bit model and the dense model run the same harness; only the linear layers differ:
 
-- ``lowbit``: the plane kernels with RMSNorm, SiLU*up and the residual add fused into them;
+- ``lowbit``: the CUDA tile kernels with RMSNorm (prologue), SiLU(gate)*up (epilogue of the
+  gate|up kernel) and the residual add fused into them;
 - ``dense``: the same fusions in a Triton fp16/bf16 GEMV twin (``dense_gemv``);
 - ``dense_cublas``: cuBLAS matmuls plus separate norm/act/add kernels.
 
@@ -31,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qalora.kernels.layout import xperm_index
 from qalora.lowbit import LowBitLinear, dequantize, unpack_codes
 
 SYNTHETIC: dict[str, dict[str, Any]] = {
@@ -177,27 +177,20 @@ class Harness:
         a = src.arch
         dev = src.embed.device
         self.lowbit = mode == "lowbit"
-        pd = xperm_index(a.hidden, dev)
-        pf = xperm_index(a.intermediate, dev)
-        perm = (lambda t: t[..., pd]) if self.lowbit else (lambda t: t)  # noqa: E731
-        self.embed = perm(src.embed).clone()  # own copies: the harness's memory is self-contained
+        self.embed = src.embed.clone()  # own copies: the harness's memory is self-contained
         self.lm_head = src.lm_head.clone()
-        self.final_norm = perm(src.final_norm).clone()
+        self.final_norm = src.final_norm.clone()
         self.layers: list[dict[str, Any]] = []
         for i in range(a.layers):
             ln1, ln2 = src.norms[i]
-            lay: dict[str, Any] = {"ln1": perm(ln1).clone(), "ln2": perm(ln2).clone()}
+            lay: dict[str, Any] = {"ln1": ln1.clone(), "ln2": ln2.clone()}
             if self.lowbit:
-                def prep(c: Canon, rows: torch.Tensor | None = None):
-                    return prepare_weight(c.qweight, c.scales, c.zeros, c.bits, c.group_size, c.in_features,
-                                          row_perm=rows)
-                lay["qkv"] = prep(src.qkv[i])
-                lay["o"] = prep(src.o[i], pd)
-                lay["gate_up"] = prep(src.gate_up[i], torch.cat([pf, pf + a.intermediate]))
-                lay["down"] = prep(src.down[i], pd)
-                for p in lay.values():  # the canonical copies are not needed on the GPU
-                    if hasattr(p, "qweight"):
-                        p.qweight = p.scales = p.zeros = None
+                for key in ("qkv", "o", "gate_up", "down"):
+                    c = getattr(src, key)[i]
+                    pw = prepare_weight(c.qweight, c.scales, c.zeros, c.bits, c.group_size, c.in_features,
+                                        glu=key == "gate_up")  # gate|up emits silu(gate) * up
+                    pw.drop_canonical()  # the kernels never read the canonical copies
+                    lay[key] = pw
             else:
                 for key in ("qkv", "o", "gate_up", "down"):
                     lay[key] = getattr(src, key)[i].dense(dtype)
@@ -244,18 +237,17 @@ class Harness:
         self.h.copy_(self.embed[self.tok])
         for i, lay in enumerate(self.layers):
             if self.mode == "lowbit":
-                gpu.gemv(self.h, lay["qkv"], out=self.qkv, norm_weight=lay["ln1"], eps=a.eps, x_perm=True, dtype=dt)
+                gpu.gemv(self.h, lay["qkv"], out=self.qkv, norm_weight=lay["ln1"], eps=a.eps, dtype=dt)
             elif self.mode == "dense":
                 gpu.dense_gemv(self.h, lay["qkv"], out=self.qkv, norm_weight=lay["ln1"], eps=a.eps)
             else:
                 rmsnorm(self.h, lay["ln1"], a.eps, self.xn)
                 torch.matmul(self.xn, lay["qkv"].t(), out=self.qkv)
-            attn_decode(self.qkv, self.kc[i], self.vc[i], self.attn, self.pos, a.inv_freq, a.heads, a.kv_heads,
-                        perm=self.lowbit)
+            attn_decode(self.qkv, self.kc[i], self.vc[i], self.attn, self.pos, a.inv_freq, a.heads, a.kv_heads)
             if self.mode == "lowbit":
-                gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True, x_perm=True)
-                gpu.gemv(self.h, lay["gate_up"], out=self.gu, norm_weight=lay["ln2"], eps=a.eps, x_perm=True, dtype=dt)
-                gpu.gemv(self.gu, lay["down"], out=self.h, accumulate=True, x_perm=True, act=True)
+                gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True)
+                gpu.gemv(self.h, lay["gate_up"], out=self.act, norm_weight=lay["ln2"], eps=a.eps, dtype=dt)
+                gpu.gemv(self.act, lay["down"], out=self.h, accumulate=True)
             elif self.mode == "dense":
                 gpu.dense_gemv(self.attn, lay["o"], out=self.h, accumulate=True)
                 gpu.dense_gemv(self.h, lay["gate_up"], out=self.gu, norm_weight=lay["ln2"], eps=a.eps)
@@ -268,7 +260,7 @@ class Harness:
                 silu_mul(self.gu, self.act)
                 torch.matmul(self.act, lay["down"].t(), out=self.o)
                 self.h.add_(self.o)
-        rmsnorm(self.h, self.final_norm, a.eps, self.xn, unperm=self.lowbit)
+        rmsnorm(self.h, self.final_norm, a.eps, self.xn)
         torch.matmul(self.xn, self.lm_head.t(), out=self.logits)
         torch.argmax(self.logits, dim=-1, out=self.tok)
         self.pos.add_(1)
@@ -299,7 +291,7 @@ class Harness:
             return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(dt)
 
         for i, lay in enumerate(self.layers):
-            rmsnorm(h, lay["ln1"], a.eps, xn, unperm=self.lowbit)
+            rmsnorm(h, lay["ln1"], a.eps, xn)
             qkv = self._linear(xn, lay["qkv"])
             q = rope(qkv[:, : a.heads * dh].view(t, a.heads, dh))
             k = rope(qkv[:, a.heads * dh:(a.heads + a.kv_heads) * dh].view(t, a.kv_heads, dh))
@@ -310,11 +302,14 @@ class Harness:
                                                v.transpose(0, 1)[None], is_causal=True,
                                                enable_gqa=a.heads != a.kv_heads)
             h += self._linear(o[0].transpose(0, 1).reshape(t, a.hidden), lay["o"])
-            rmsnorm(h, lay["ln2"], a.eps, xn, unperm=self.lowbit)
-            silu_mul(self._linear(xn, lay["gate_up"]), act, unperm=self.lowbit)
+            rmsnorm(h, lay["ln2"], a.eps, xn)
+            if self.lowbit:
+                act = self._linear(xn, lay["gate_up"])  # glu weight: silu(gate) * up
+            else:
+                silu_mul(self._linear(xn, lay["gate_up"]), act)
             h += self._linear(act, lay["down"])
         hn = torch.empty(1, a.hidden, device=ids.device, dtype=dt)
-        rmsnorm(h[-1:], self.final_norm, a.eps, hn, unperm=self.lowbit)
+        rmsnorm(h[-1:], self.final_norm, a.eps, hn)
         return (hn @ self.lm_head.t())[0]
 
 
@@ -552,10 +547,10 @@ def run_bench(
     out: dict[str, Any] = {"env": _env(), "dtype": str(dt).replace("torch.", ""), "batches": list(batches),
                            "prefill_tokens": list(prefills)}
     if device == "cuda":
-        from qalora.kernels import triton_available
+        from qalora.kernels import cuda_kernels_available, triton_available
 
-        if not triton_available():
-            raise RuntimeError("the GPU benchmark needs triton")
+        if not (triton_available() and cuda_kernels_available()):
+            raise RuntimeError("the GPU benchmark needs triton and a CUDA compiler")
         dev = torch.device("cuda")
         if synthetic is not None:
             if synthetic not in SYNTHETIC:

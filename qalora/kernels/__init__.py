@@ -2,34 +2,32 @@
 
 Backends (chosen per layer by :func:`select_backend`, or forced):
 
-- ``"triton"`` (CUDA, fp16/bf16 activations, 2/3/4 bit, group % 32 == 0): the weight is repacked
-  once into planes (:mod:`qalora.kernels.layout`); rows M <= ``gpu.SKINNY_MAX_M`` (64) run the
-  skinny kernel (FMA path at M == 1, tensor cores above), larger M the large-M path
-  (``gpu.LARGE_M_PATH``: fused dequant+matmul kernel, or dequant then cuBLAS).
+- ``"cuda"`` (CUDA + a CUDA compiler, fp16/bf16 activations, 2/3/4 bit, power-of-two group >= 32):
+  the weight is repacked once into tiles (:mod:`qalora.kernels.layout`); rows M <=
+  ``gpu.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``), larger M
+  dequantize with one kernel then run cuBLAS.
 - ``"int4pack"`` (CPU, 4 bit): torch's ``_weight_int4pack_mm_for_cpu`` with fp32 scale/zero.
 - ``"dequant"`` (anywhere, any bits): the reference dequant then ``F.linear``.
 
-Triton is imported only when the triton backend runs, so this package imports without it.
+The CUDA extension is compiled on first use (``cuda_ext``), so this package imports anywhere.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
 
 from qalora.kernels.cpu import dequant_linear, int4_linear, int4pack_available
-from qalora.kernels.layout import BLOCK, KERNEL_BITS
+from qalora.kernels.cuda_ext import cuda_kernels_available
+from qalora.kernels.layout import check_kernel_shape
 from qalora.kernels.prepared import PreparedWeight, concat_layers, prepare_layer, prepare_weight, reference_dequant
 from qalora.lowbit import LowBitLinear
 
-BACKENDS = ("auto", "triton", "int4pack", "dequant")
+BACKENDS = ("auto", "cuda", "int4pack", "dequant")
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
-    """True when CUDA is up and triton imports."""
+    """True when CUDA is up and triton imports (the benchmark harness's attention/norm kernels)."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -39,12 +37,20 @@ def triton_available() -> bool:
     return True
 
 
+def _kernel_shape_ok(bits: int, group_size: int, in_features: int) -> bool:
+    try:
+        check_kernel_shape(in_features, bits, group_size)
+    except ValueError:
+        return False
+    return True
+
+
 def select_backend(device: torch.device | str, bits: int, group_size: int, in_features: int) -> str:
     """The fastest backend that takes this layer on ``device``."""
     device = torch.device(device)
     if device.type == "cuda":
-        if triton_available() and bits in KERNEL_BITS and group_size % BLOCK == 0 and in_features % group_size == 0:
-            return "triton"
+        if cuda_kernels_available() and _kernel_shape_ok(bits, group_size, in_features):
+            return "cuda"
         return "dequant"
     if bits == 4 and int4pack_available() and in_features % 2 == 0 and group_size in (32, 64, 128, 256):
         return "int4pack"
@@ -81,8 +87,8 @@ class PreparedLowBitLinear(LowBitLinear):
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
         new.backend = backend
         new.prepared = prepare_layer(layer, cpu_int4=backend == "int4pack")
-        if backend == "triton" and new.prepared.planes is None:
-            raise ValueError(f"triton backend cannot take bits={layer.bits}, group_size={layer.group_size}")
+        if backend == "cuda" and new.prepared.tiles is None:
+            raise ValueError(f"cuda backend cannot take bits={layer.bits}, group_size={layer.group_size}")
         if backend == "int4pack" and new.prepared.cpu_int4 is None:
             raise ValueError("int4pack backend needs 4-bit weights, even D_in, group in 32..256 and torch's kernel")
         return new
@@ -103,14 +109,16 @@ def lowbit_linear(x: torch.Tensor, w: PreparedWeight | LowBitLinear, backend: st
     pw = prepare_layer(w, cpu_int4=x.device.type == "cpu") if isinstance(w, LowBitLinear) else w
     if backend == "auto":
         backend = select_backend(x.device, pw.bits, pw.group_size, pw.in_features)
-    if backend == "triton" and x.dtype in (torch.float16, torch.bfloat16) and pw.planes is not None:
+    if backend == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and pw.tiles is not None and not pw.glu:
         from qalora.kernels import gpu
 
         return gpu.matmul(x, pw)
     if backend == "int4pack" and pw.cpu_int4 is not None:
         packed, sz = pw.cpu_int4
-        return int4_linear(x, packed, sz, pw.group_size, pw.bias)
-    return dequant_linear(x, pw.qweight, pw.scales, pw.zeros, pw.bits, pw.group_size, pw.bias)
+        return int4_linear(x, packed, sz, pw.group_size, pw.ref_bias)
+    if pw.glu:
+        raise ValueError("a glu-prepared weight runs on the cuda backend only (gpu.matmul)")
+    return dequant_linear(x, pw.qweight, pw.scales, pw.zeros, pw.bits, pw.group_size, pw.ref_bias)
 
 
 def prepare_for_inference(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -125,6 +133,7 @@ def prepare_for_inference(model: nn.Module, backend: str = "auto") -> nn.Module:
 
 
 __all__ = [
-    "BACKENDS", "PreparedLowBitLinear", "PreparedWeight", "concat_layers", "lowbit_linear", "prepare_for_inference",
-    "prepare_layer", "prepare_weight", "reference_dequant", "select_backend", "triton_available",
+    "BACKENDS", "PreparedLowBitLinear", "PreparedWeight", "concat_layers", "cuda_kernels_available", "lowbit_linear",
+    "prepare_for_inference", "prepare_layer", "prepare_weight", "reference_dequant", "select_backend",
+    "triton_available",
 ]

@@ -1,100 +1,53 @@
-"""CUDA entry points (Triton). Importing this module imports triton: do it lazily.
+"""CUDA entry points. The low-bit kernels are CUDA C++ (``lowbit_cuda.cu``, built on first use);
+the dense fp16/bf16 GEMV twin used by the benchmark's baseline is Triton. Importing this module
+needs neither a GPU nor triton.
 
-Shapes: x [M, K] fp16/bf16 (row stride free, unit column stride), weights as
-:class:`~qalora.kernels.prepared.PreparedWeight`, outputs [M, N].
+Shapes: x [M, K] (unit column stride), weights as :class:`~qalora.kernels.prepared.PreparedWeight`,
+outputs [M, N] ([M, N/2] for ``glu`` weights).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-import triton.language as tl
-
-from qalora.kernels import triton_kernels as tk
+from qalora.kernels.cuda_ext import ext
 from qalora.kernels.prepared import PreparedWeight
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SKINNY_MAX_M = 32  # rows above this dequantize then run cuBLAS
+EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
+MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
 
-SKINNY_MAX_M = 64  # M above this goes to the large-M path
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    block_n: int = 32
-    nb: int = 16            # 32-code blocks per iteration
-    split_k: int = 1
-    block_m: int = 1        # 1: FMA path; >= 16: tensor-core path
-    num_warps: int = 4
-    num_stages: int = 1
-    prefetch: bool = False  # M == 1 path only
-    scalar: bool = False    # M == 1 path only
+_EMPTY: dict[torch.device, torch.Tensor] = {}
 
 
-@dataclass(frozen=True)
-class GemmConfig:
-    block_m: int = 128
-    block_n: int = 128
-    nb: int = 4             # BK = 32 * nb
-    group_m: int = 8
-    swap: bool = True       # W as the A operand (registers); swap=False fails to compile at nb=2
-    num_warps: int = 8
-    num_stages: int = 3
-
-
-# Tuned entries, keyed (bits, M bucket, N, K); filled from benchmarks/kernel_sweep.py on an H100.
-GEMV_TUNED: dict[tuple[int, int, int, int], GemvConfig] = {}
-GEMM_TUNED: dict[tuple[int, int, int], GemmConfig] = {}
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    if not torch.cuda.is_available():  # the Triton interpreter on CPU
-        return 132
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-_ONES: dict[torch.device, torch.Tensor] = {}
-
-
-def _one(device: torch.device) -> torch.Tensor:
-    """An int32 [1] tensor holding 1 (read by the SCALAR gemv variant), one per device."""
-    t = _ONES.get(device)
+def _empty(device: torch.device) -> torch.Tensor:
+    """An fp32 [0] tensor standing for "no norm weight / no bias" (one per device, graph-safe)."""
+    t = _EMPTY.get(device)
     if t is None:
-        t = _ONES[device] = torch.ones(1, dtype=torch.int32, device=device)
+        t = _EMPTY[device] = torch.empty(0, dtype=torch.float32, device=device)
     return t
 
 
-def m_bucket(m: int) -> int:
-    """1, 16, 32 or 64: the skinny kernel's M tile for ``m`` rows."""
-    if m <= 1:
-        return 1
-    return max(16, 1 << (m - 1).bit_length())
+def default_warps(pw: PreparedWeight) -> int:
+    """Warps per 16-row tile: one per 256-column step up to MAX_WARPS (K=4096: 8 warps x 2 steps)."""
+    return max(1, min(MAX_WARPS, pw.tiles.shape[1]))
 
 
-def gemv_config(m: int, n: int, k: int, bits: int, accumulate: bool, device_index: int = 0) -> GemvConfig:
-    """Tuned config when known, else a heuristic: enough programs to fill the GPU ~4x."""
-    mb = m_bucket(m)
-    # untuned 3/2-bit shapes borrow the 4-bit tuning (same loop structure, fewer planes)
-    cfg = GEMV_TUNED.get((bits, mb, n, k)) or GEMV_TUNED.get((4, mb, n, k))
-    if cfg is None:
-        if mb == 1:
-            cfg = GemvConfig(block_n=16, nb=32, num_warps=4, prefetch=True, scalar=True)
-        else:
-            cfg = GemvConfig(block_n=64, nb=16, block_m=mb, num_warps=4)
-        nbt = k // 32
-        target = 4 * _num_sms(device_index)
-        progs = -(-n // cfg.block_n) * -(-m // cfg.block_m)
-        split = 1
-        while progs * split < target and nbt // (split * 2) >= cfg.nb:
-            split *= 2
-        cfg = replace(cfg, split_k=split)
-    return cfg
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x with unit column stride, a row stride of a multiple of 16 bytes and a 16-byte aligned
+    base (the kernel reads 8 activations per 16-byte load)."""
+    per16 = 16 // x.element_size()
+    if x.stride(-1) != 1 or x.stride(0) % per16 or x.data_ptr() % 16:
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+    return x
 
 
 def gemv(
@@ -103,149 +56,87 @@ def gemv(
     *,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
-    act: bool = False,
-    x_perm: bool = False,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     dtype: torch.dtype | None = None,
-    cfg: GemvConfig | None = None,
+    warps: int | None = None,
 ) -> torch.Tensor:
-    """Skinny low-bit matmul: returns out[M, N] = x @ W^T (+ bias).
+    """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias).
 
-    - ``act``: x is [M, 2K] = [gate | up] and the kernel uses silu(gate) * up as its input.
-    - ``x_perm``: x (each half when ``act``) is slot-major (:func:`qalora.kernels.layout.xperm`).
-    - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T through atomics (a
-      residual stream); otherwise ``out`` (optional) is [M, N] in ``dtype``.
-    - ``norm_weight`` (fp32 [K], laid out like x): x is an fp32 residual stream and the input is
-      rmsnorm(x, eps) * norm_weight, fused into the kernel.
+    - ``norm_weight`` (fp32 [K]): x is an fp32 residual stream [M, K] and the input is
+      rmsnorm(x, eps) * norm_weight, fused into the kernel; ``dtype`` picks the compute dtype.
+    - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T (a residual add).
+    - a ``glu`` weight returns silu(gate) * up, [M, N/2].
     - ``dtype``: compute/output dtype (fp16/bf16); defaults to x's dtype.
     """
-    m = x.shape[0]
-    k, n = pw.in_features, pw.out_features
-    if x.shape[1] != (2 * k if act else k) or x.stride(1) != 1:
-        raise ValueError(f"x {tuple(x.shape)} does not match D_in={k} (act={act})")
+    m, k = x.shape
+    n = pw.out_features
+    if k != pw.in_features:
+        raise ValueError(f"x {tuple(x.shape)} does not match D_in={pw.in_features}")
+    if not 1 <= m <= SKINNY_MAX_M:
+        raise ValueError(f"gemv takes 1..{SKINNY_MAX_M} rows, got {m}")
+    if pw.tiles is None:
+        raise ValueError(f"no kernel layout for bits={pw.bits}, group_size={pw.group_size}")
     dtype = dtype or x.dtype
-    if dtype not in _TL_DTYPES:
+    if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"compute dtype must be fp16 or bf16, not {dtype}")
-    if cfg is None:
-        cfg = gemv_config(m, n, k, pw.bits, accumulate, x.device.index or 0)
-    if accumulate:
-        if out is None or out.dtype != torch.float32:
-            raise ValueError("accumulate=True needs an fp32 out tensor")
-        target, atomic = out, True
-    elif cfg.split_k > 1:
-        target, atomic = torch.zeros(m, n, device=x.device, dtype=torch.float32), True
+    if norm_weight is not None:
+        x = _aligned(x.float())
+        nw = norm_weight.float().contiguous()
     else:
+        x, nw = _aligned(x.to(dtype)), _empty(x.device)
+    if accumulate:
+        if pw.glu or out is None or out.dtype != torch.float32 or tuple(out.shape) != (m, n) or out.stride(1) != 1:
+            raise ValueError("accumulate=True needs an fp32 out tensor [M, N] (and no glu)")
+        epi = EPI_ACCUM
+    else:
+        shape = (m, n // 2) if pw.glu else (m, n)
         if out is None:
-            out = torch.empty(m, n, device=x.device, dtype=dtype)
-        target, atomic = out, False
-    if cfg.block_m > 1 and (act or norm_weight is not None) and cfg.num_stages > 1:
-        # software pipelining plus the fused prologues ran 2-4x slower on H100 (RESULTS.md)
-        cfg = replace(cfg, num_stages=1)
-    if cfg.block_m > 1 and os.environ.get("QALORA_DOT_STAGES"):  # experiment knob
-        cfg = replace(cfg, num_stages=int(os.environ["QALORA_DOT_STAGES"]))
-    grid = (triton_cdiv(n, cfg.block_n), cfg.split_k, triton_cdiv(m, cfg.block_m))
-    tk._gemv_kernel[grid](
-        x, pw.planes, pw.coef, pw.bias if pw.bias is not None else pw.coef, target,
-        norm_weight if norm_weight is not None else pw.coef, _one(x.device),
-        m, n, x.stride(0), target.stride(0), pw.planes.stride(0), pw.stride_wn, k, eps,
-        NBT=pw.nbt, BITS=pw.bits, GPB=pw.group_size // 32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NB=cfg.nb, SPLIT_K=cfg.split_k,
-        X_PERM=x_perm, ACT=act, NORM=norm_weight is not None, ATOMIC=atomic,
-        HAS_BIAS=pw.bias is not None, DOT=cfg.block_m > 1, DOT_DTYPE=_TL_DTYPES[dtype],
-        PREFETCH=cfg.prefetch and cfg.block_m == 1, SCALAR=cfg.scalar and cfg.block_m == 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if target is not out:
-        if out is None:
-            return target.to(dtype)
-        out.copy_(target)
+            out = torch.empty(shape, device=x.device, dtype=dtype)
+        elif tuple(out.shape) != shape or out.dtype != dtype or out.stride(1) != 1:
+            raise ValueError(f"out must be {dtype} {shape} with unit column stride")
+        epi = EPI_GLU if pw.glu else EPI_STORE
+    bias = pw.bias if pw.bias is not None else _empty(x.device)
+    ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
+               warps or default_warps(pw), dtype == torch.bfloat16)
     return out
 
 
-def gemm(x: torch.Tensor, pw: PreparedWeight, *, out: torch.Tensor | None = None,
-         cfg: GemmConfig | None = None) -> torch.Tensor:
-    """Large-M fused dequant + matmul: x [M, K] -> [M, N] in x's dtype."""
-    m = x.shape[0]
-    k, n = pw.in_features, pw.out_features
-    if x.shape[1] != k or x.stride(1) != 1:
-        raise ValueError(f"x {tuple(x.shape)} does not match D_in={k}")
-    cfg = cfg or GEMM_TUNED.get((pw.bits, n, k)) or GemmConfig()
+def dequant(pw: PreparedWeight, dtype: torch.dtype, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The full weight [N, K] in ``dtype`` (fp16/bf16/fp32), kernel row order, one kernel."""
+    if pw.tiles is None:
+        raise ValueError(f"no kernel layout for bits={pw.bits}, group_size={pw.group_size}")
     if out is None:
-        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n),)
-    tk._gemm_kernel[grid](
-        x, pw.planes, pw.coef, pw.bias if pw.bias is not None else pw.coef, out,
-        m, n, x.stride(0), out.stride(0), pw.planes.stride(0), pw.stride_wn,
-        NBT=pw.nbt, BITS=pw.bits, GPB=pw.group_size // 32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        NB=cfg.nb, GROUP_M=cfg.group_m, SWAP=cfg.swap, HAS_BIAS=pw.bias is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        out = torch.empty(pw.out_features, pw.in_features, device=pw.tiles.device, dtype=dtype)
+    ext().dequant(pw.tiles, pw.coef, out, pw.bits, pw.log2_spg)
     return out
 
 
-DEQUANT_CFG = {"block_n": 32, "nb": 4, "num_warps": 4}
-
-
-def dequant(pw: PreparedWeight, dtype: torch.dtype, *, out: torch.Tensor | None = None,
-            block_n: int | None = None, nb: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """The full weight [N, K] in ``dtype`` (fp16/bf16/fp32), one kernel."""
-    n, k = pw.out_features, pw.in_features
-    block_n = block_n or DEQUANT_CFG["block_n"]
-    nb = nb or DEQUANT_CFG["nb"]
-    num_warps = num_warps or DEQUANT_CFG["num_warps"]
-    if out is None:
-        out = torch.empty(n, k, device=pw.planes.device, dtype=dtype)
-    grid = (triton_cdiv(n, block_n), triton_cdiv(pw.nbt, nb))
-    tk._dequant_kernel[grid](pw.planes, pw.coef, out, n, pw.planes.stride(0), pw.stride_wn,
-                             NBT=pw.nbt, BITS=pw.bits, GPB=pw.group_size // 32, BLOCK_N=block_n, NB=nb,
-                             num_warps=num_warps)
-    return out
+def glu_act(y: torch.Tensor) -> torch.Tensor:
+    """[M, 2F] in glu row order (blocks of 8 gate then 8 up) -> silu(gate) * up [M, F]."""
+    m, n2 = y.shape
+    y = y.view(m, n2 // 16, 2, 8)
+    return (F.silu(y[:, :, 0].float()) * y[:, :, 1].float()).to(y.dtype).reshape(m, n2 // 2)
 
 
 def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
-    """Dequantize to x's dtype, then cuBLAS."""
+    """Dequantize to x's dtype, then cuBLAS (the large-M path)."""
     w = dequant(pw, x.dtype)
-    return torch.nn.functional.linear(x, w, None if pw.bias is None else pw.bias.to(x.dtype))
-
-
-# Large-M path choice per (bits, N, K): "fused" or "dequant"; default below from the sweep.
-LARGE_M_PATH: dict[tuple[int, int, int], str] = {}
-LARGE_M_DEFAULT = "dequant"  # measured faster than the fused kernel on H100 (RESULTS.md)
-
-
-def load_tuned(path: str | os.PathLike) -> None:
-    """Merge a tuned_configs.json (benchmarks/kernel_sweep.py) into the config tables."""
-    data = json.loads(Path(path).read_text())
-    for bits, mb, n, k, cfg in data.get("gemv", []):
-        GEMV_TUNED[(bits, mb, n, k)] = GemvConfig(**cfg)
-    for bits, n, k, cfg in data.get("gemm", []):
-        GEMM_TUNED[(bits, n, k)] = GemmConfig(**cfg)
-    for bits, n, k, path in data.get("large_m_path", []):
-        LARGE_M_PATH[(bits, n, k)] = path
-    DEQUANT_CFG.update(data.get("dequant", {}))
-    for mb, n, k, cfg in data.get("dense", []):
-        DENSE_TUNED[(mb, n, k)] = DenseGemvConfig(**cfg)
+    y = F.linear(x, w, None if pw.bias is None else pw.bias.to(x.dtype))
+    return glu_act(y) if pw.glu else y
 
 
 def matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
-    """x [..., K] -> [..., N]: the skinny kernel for M <= SKINNY_MAX_M, else the large-M path."""
+    """x [..., K] -> [..., N] (or [..., N/2] for glu): the skinny kernel up to SKINNY_MAX_M rows,
+    else dequant + cuBLAS."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m <= SKINNY_MAX_M:
-        y = gemv(x2, pw)
-    elif LARGE_M_PATH.get((pw.bits, pw.out_features, pw.in_features), LARGE_M_DEFAULT) == "dequant":
-        y = dequant_matmul(x2, pw)
-    else:
-        y = gemm(x2, pw)
-    return y.reshape(*lead, pw.out_features)
+    y = gemv(x2, pw) if x2.shape[0] <= SKINNY_MAX_M else dequant_matmul(x2, pw)
+    return y.reshape(*lead, y.shape[-1])
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# ----------------------------------------------------------------------------------------------
+# dense fp16/bf16 twin (Triton): the benchmark's fused baseline
 
 
 @dataclass(frozen=True)
@@ -261,12 +152,26 @@ class DenseGemvConfig:
 DENSE_TUNED: dict[tuple[int, int, int], DenseGemvConfig] = {}
 
 
+def m_bucket(m: int) -> int:
+    """1, 16, 32 or 64: the dense twin's M tile for ``m`` rows."""
+    if m <= 1:
+        return 1
+    return max(16, 1 << (m - 1).bit_length())
+
+
 def dense_gemv(
     x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, accumulate: bool = False,
     act: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
     dtype: torch.dtype | None = None, cfg: DenseGemvConfig | None = None,
 ) -> torch.Tensor:
-    """fp16/bf16 ``w`` [N, K] twin of :func:`gemv` (natural layout only)."""
+    """fp16/bf16 ``w`` [N, K]: out = f(x) @ w^T with the same fusions as the low-bit harness
+    (``act``: x = [gate | up] and the input is silu(gate) * up; ``norm_weight``: RMSNorm prologue
+    on an fp32 stream; ``accumulate``: fp32 out += through atomics)."""
+    import triton
+
+    from qalora.kernels import triton_kernels as tk
+
+    tl_dtypes = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16}
     m = x.shape[0]
     n, k = w.shape
     dtype = dtype or w.dtype
@@ -277,7 +182,8 @@ def dense_gemv(
             cfg = DenseGemvConfig(block_m=mb, block_n=16 if mb == 1 else 64, block_k=512 if mb == 1 else 128)
             progs = -(-n // cfg.block_n) * -(-m // cfg.block_m)
             split = 1
-            while accumulate and progs * split < 4 * _num_sms(x.device.index or 0) and k // (split * 2) >= cfg.block_k:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            while accumulate and progs * split < 4 * sms and k // (split * 2) >= cfg.block_k:
                 split *= 2
             cfg = replace(cfg, split_k=split)
     if accumulate:
@@ -287,18 +193,25 @@ def dense_gemv(
     else:
         out = torch.empty(m, n, device=x.device, dtype=dtype) if out is None else out
         target, atomic = out, False
-    grid = (triton_cdiv(n, cfg.block_n), cfg.split_k, triton_cdiv(m, cfg.block_m))
+    grid = (-(-n // cfg.block_n), cfg.split_k, -(-m // cfg.block_m))
     tk._dense_gemv_kernel[grid](
         x, w, target, norm_weight if norm_weight is not None else w, m, n, x.stride(0), w.stride(0),
         target.stride(0), k, eps, K=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, ACT=act, NORM=norm_weight is not None, ATOMIC=atomic, DOT=cfg.block_m > 1,
-        DOT_DTYPE=_TL_DTYPES[w.dtype], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_DTYPE=tl_dtypes[w.dtype], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if target is not out:
         if out is None:
             return target.to(dtype)
         out.copy_(target)
     return out
+
+
+def load_tuned(path: str | os.PathLike) -> None:
+    """Merge a tuned_configs.json (the dense twin's measured configs) into DENSE_TUNED."""
+    data = json.loads(Path(path).read_text())
+    for mb, n, k, cfg in data.get("dense", []):
+        DENSE_TUNED[(mb, n, k)] = DenseGemvConfig(**cfg)
 
 
 def _load_default_tuned() -> None:

@@ -6,52 +6,53 @@ from dataclasses import dataclass
 
 import torch
 
-from qalora.kernels.layout import BLOCK, check_kernel_shape, make_coef, qweight_to_planes
+from qalora.kernels.layout import check_kernel_shape, make_coef, pack_tiles
 from qalora.lowbit import LowBitLinear, pack_codes, unpack_codes
-
-
-def _pad16(n: int) -> int:
-    return (n + 15) // 16 * 16
 
 
 @dataclass
 class PreparedWeight:
-    """One low-bit weight in the kernels' layout.
+    """One low-bit weight in the kernels' layout (:mod:`qalora.kernels.layout`).
 
-    - ``planes`` int32 [bits, N, stride_wn] (columns past D_in/32 are padding, never read)
-    - ``coef`` fp32 [2, L, N]: W = coef0 * (1 + q/2^bits) + coef1
-    - ``bias`` fp32 [N] or None
+    - ``tiles`` int32 [T, S, bits, 32, 4], ``coef`` fp32 [T, Lp, 8, 4] (None when the kernels
+      cannot take the layer: 8 bit, group not a power of two >= 32)
+    - ``bias`` fp32 [N] or None (in kernel row order)
+    - ``glu``: rows are [gate; up] interleaved by :func:`~qalora.kernels.layout.glu_row_perm`
+      and the layer's output is silu(gate) * up [.., N/2]
     - ``cpu_int4``: (packed uint8 [N, K/2], scale_and_zero fp32 [L, N, 2]) for torch's int4pack
       CPU kernel, or None
+    - ``qweight``/``scales``/``zeros``/``ref_bias``: the canonical buffers (natural row order),
+      kept for the reference/dequant fallback; None when dropped to save memory
     """
 
-    planes: torch.Tensor | None
+    tiles: torch.Tensor | None
     coef: torch.Tensor | None
     bias: torch.Tensor | None
     bits: int
     group_size: int
     in_features: int
     out_features: int
+    glu: bool = False
     cpu_int4: tuple[torch.Tensor, torch.Tensor] | None = None
-    # the canonical buffers, kept for the reference/dequant fallback
     qweight: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
+    ref_bias: torch.Tensor | None = None
 
     @property
-    def nbt(self) -> int:
-        """32-code blocks per row."""
-        return self.in_features // BLOCK
-
-    @property
-    def stride_wn(self) -> int:
-        return self.planes.shape[-1]
+    def log2_spg(self) -> int:
+        """log2 of 32-column spans per group."""
+        return (self.group_size // 32).bit_length() - 1
 
     def nbytes(self) -> int:
         """Bytes the kernels read per full pass over the weight (codes + coefficients + bias)."""
-        n = self.out_features * self.in_features * self.bits // 8
+        n = 0 if self.tiles is None else self.tiles.numel() * 4
         n += 0 if self.coef is None else self.coef.numel() * 4
         return n + (0 if self.bias is None else self.bias.numel() * 4)
+
+    def drop_canonical(self) -> None:
+        """Free the canonical copies (the kernels never read them)."""
+        self.qweight = self.scales = self.zeros = self.ref_bias = None
 
 
 def prepare_weight(
@@ -62,42 +63,46 @@ def prepare_weight(
     group_size: int,
     in_features: int,
     bias: torch.Tensor | None = None,
-    row_perm: torch.Tensor | None = None,
+    glu: bool = False,
     device: torch.device | str | None = None,
     cpu_int4: bool = False,
 ) -> PreparedWeight:
     """Repack canonical buffers (``LowBitLinear`` layout) for the kernels.
 
-    ``row_perm`` (long [N]) reorders output rows: output j of the prepared weight is row
-    ``row_perm[j]`` of the canonical one (used to emit outputs in a consumer's slot order).
+    ``glu``: the weight is [gate; up] stacked along D_out, and the prepared layer computes
+    silu(x gate^T) * (x up^T) (fused into the kernel's epilogue on the skinny path).
     ``cpu_int4`` also builds torch's int4pack CPU operands (4-bit only).
     """
+    from qalora.kernels.layout import glu_row_perm
+
     device = torch.device(device) if device is not None else qweight.device
     n = qweight.shape[0]
-    if row_perm is not None:
-        row_perm = row_perm.to(qweight.device)
-        qweight, scales, zeros = qweight[row_perm], scales[row_perm], zeros[row_perm]
-        bias = None if bias is None else bias[row_perm]
-    planes = coef = None
+    if glu and n % 2:
+        raise ValueError(f"glu needs an even D_out, got {n}")
+    tiles = coef = kbias = None
     try:
         check_kernel_shape(in_features, bits, group_size)
-        p = qweight_to_planes(qweight.contiguous(), bits, in_features)
-        nbt = in_features // BLOCK
-        planes = torch.zeros(bits, n, _pad16(nbt), dtype=torch.int32, device=p.device)
-        planes[:, :, :nbt] = p
-        planes = planes.to(device)
-        coef = make_coef(scales, zeros, bits).to(device)
+        q, s, z, b = qweight, scales, zeros, bias
+        if glu:
+            perm = glu_row_perm(n // 2, qweight.device)
+            q, s, z, b = q[perm], s[perm], z[perm], None if b is None else b[perm]
+        tiles = pack_tiles(unpack_codes(q.contiguous(), bits), bits).to(device)
+        coef = make_coef(s, z, group_size, in_features).to(device)
+        kbias = None if b is None or not glu else b.to(device, torch.float32)
     except ValueError:
-        pass  # no plane layout (8 bit, g % 32 != 0): the dequant fallback serves it
+        if glu:
+            raise
+        # no tile layout (8 bit, odd group): the dequant fallback serves it
     packed = None
-    if cpu_int4 and bits == 4:
+    if cpu_int4 and bits == 4 and not glu:
         from qalora.kernels.cpu import int4pack_operands
 
         packed = int4pack_operands(qweight, scales, zeros, group_size, in_features)
+    ref_bias = None if bias is None else bias.to(device, torch.float32)
     return PreparedWeight(
-        planes=planes, coef=coef, bias=None if bias is None else bias.to(device, torch.float32),
-        bits=bits, group_size=group_size, in_features=in_features, out_features=n, cpu_int4=packed,
-        qweight=qweight.to(device), scales=scales.to(device), zeros=zeros.to(device),
+        tiles=tiles, coef=coef, bias=kbias if glu else ref_bias, bits=bits, group_size=group_size,
+        in_features=in_features, out_features=n, glu=glu, cpu_int4=packed,
+        qweight=qweight.to(device), scales=scales.to(device), zeros=zeros.to(device), ref_bias=ref_bias,
     )
 
 
@@ -127,7 +132,8 @@ def concat_layers(layers: list[LowBitLinear]) -> LowBitLinear:
 
 
 def reference_dequant(pw: PreparedWeight) -> torch.Tensor:
-    """fp32 [N, K] from the canonical buffers (the reference the kernels are checked against)."""
+    """fp32 [N, K] from the canonical buffers, natural row order (the reference the kernels are
+    checked against; for a ``glu`` weight, the stacked [gate; up])."""
     from qalora.lowbit import dequantize
 
     return dequantize(unpack_codes(pw.qweight, pw.bits), pw.scales, pw.zeros, pw.group_size)

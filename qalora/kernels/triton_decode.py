@@ -11,75 +11,53 @@ import triton.language as tl
 
 
 @triton.jit
-def _perm_index(d, D: tl.constexpr, PERM: tl.constexpr):
-    """Natural feature index -> its offset in slot-major (PERM) or natural layout."""
-    if PERM:
-        r = (d % 32) * (D // 32) + d // 32
-    else:
-        r = d
-    return r
-
-
-@triton.jit
-def _rmsnorm_kernel(h_ptr, w_ptr, out_ptr, eps, stride_h, stride_o, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    UNPERM: tl.constexpr):
-    """out[r] = h[r] / rms(h[r]) * w; h and w share a layout; UNPERM: h is slot-major and out natural."""
+def _rmsnorm_kernel(h_ptr, w_ptr, out_ptr, eps, stride_h, stride_o, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = h[r] / rms(h[r]) * w."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
     h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if UNPERM:
-        dst = (offs % (D // 32)) * 32 + offs // (D // 32)
-    else:
-        dst = offs
-    tl.store(out_ptr + row * stride_o + dst, (h * r * w).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + offs, (h * r * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rmsnorm(h: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor, unperm: bool = False) -> torch.Tensor:
-    """h fp32 [R, D], w [D] -> out [R, D] (out's dtype); ``unperm``: h slot-major, out natural."""
+def rmsnorm(h: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """h fp32 [R, D], w [D] -> out [R, D] (out's dtype)."""
     r, d = h.shape
     _rmsnorm_kernel[(r,)](h, w, out, eps, h.stride(0), out.stride(0), D=d,
-                          BLOCK_D=triton.next_power_of_2(d), UNPERM=unperm, num_warps=4)
+                          BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, stride_g, stride_o, F: tl.constexpr, BLOCK: tl.constexpr,
-                     UNPERM: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, stride_g, stride_o, F: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
     g = tl.load(gu_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * stride_g + F + offs, mask=mask, other=0.0).to(tl.float32)
-    if UNPERM:
-        dst = (offs % (F // 32)) * 32 + offs // (F // 32)
-    else:
-        dst = offs
-    tl.store(out_ptr + row * stride_o + dst, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + offs, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gu: torch.Tensor, out: torch.Tensor, unperm: bool = False) -> torch.Tensor:
-    """gu [R, 2F] = [gate | up] -> out [R, F] = silu(gate) * up; ``unperm``: halves slot-major, out natural."""
+def silu_mul(gu: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """gu [R, 2F] = [gate | up] -> out [R, F] = silu(gate) * up."""
     r, f2 = gu.shape
     f = f2 // 2
     block = 1024
     _silu_mul_kernel[(r, triton.cdiv(f, block))](gu, out, gu.stride(0), out.stride(0), F=f, BLOCK=block,
-                                                 UNPERM=unperm, num_warps=4)
+                                                 num_warps=4)
     return out
 
 
 @triton.jit
 def _attn_decode_kernel(qkv_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, inv_freq_ptr,
                         stride_qb, stride_cb, stride_ch, stride_ob, scale,
-                        H: tl.constexpr, HKV: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr,
-                        PERM: tl.constexpr):
+                        H: tl.constexpr, HKV: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr):
     """One new token per sequence: RoPE on q and k (rotate-half convention), attention over the
     cached positions [0, pos) plus the new token, k/v written to the cache at pos.
 
-    qkv [B, (H + 2 HKV) DH] (q | k | v), caches [B, HKV, S_max, DH], out [B, H DH] (slot-major
-    when PERM); grid (B, H).
+    qkv [B, (H + 2 HKV) DH] (q | k | v), caches [B, HKV, S_max, DH], out [B, H DH]; grid (B, H).
     """
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -133,22 +111,21 @@ def _attn_decode_kernel(qkv_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, inv_freq_ptr,
         tl.store(kbase + pos * DH + HALF + offs, kr2)
         tl.store(vbase + pos * DH + offs, v1.to(vc_ptr.dtype.element_ty))
         tl.store(vbase + pos * DH + HALF + offs, v2.to(vc_ptr.dtype.element_ty))
-    D: tl.constexpr = H * DH
     d1 = h * DH + offs
     ob = out_ptr + b * stride_ob
-    tl.store(ob + _perm_index(d1, D, PERM), (acc1 / l).to(out_ptr.dtype.element_ty))
-    tl.store(ob + _perm_index(d1 + HALF, D, PERM), (acc2 / l).to(out_ptr.dtype.element_ty))
+    tl.store(ob + d1, (acc1 / l).to(out_ptr.dtype.element_ty))
+    tl.store(ob + d1 + HALF, (acc2 / l).to(out_ptr.dtype.element_ty))
 
 
 def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                 pos: torch.Tensor, inv_freq: torch.Tensor, n_heads: int, n_kv_heads: int,
-                perm: bool = False, block_s: int = 64) -> torch.Tensor:
+                block_s: int = 64) -> torch.Tensor:
     """See ``_attn_decode_kernel``; ``pos`` is an int32 [1] device tensor (graph-replayable)."""
     b = qkv.shape[0]
     dh = k_cache.shape[-1]
     _attn_decode_kernel[(b, n_heads)](
         qkv, k_cache, v_cache, out, pos, inv_freq, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
-        out.stride(0), dh ** -0.5, H=n_heads, HKV=n_kv_heads, DH=dh, BLOCK_S=block_s, PERM=perm,
+        out.stride(0), dh ** -0.5, H=n_heads, HKV=n_kv_heads, DH=dh, BLOCK_S=block_s,
         num_warps=4,
     )
     return out

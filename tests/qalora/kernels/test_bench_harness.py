@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qalora.kernels import triton_available
+from qalora.kernels import cuda_kernels_available, triton_available
 from qalora.lowbit import LowBitLinear
 from qalora.model_io import set_submodule
 from conftest import tiny_llama
@@ -29,7 +29,7 @@ def quantize_minmax(model, bits, g):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not triton_available(), reason="needs CUDA and triton")
+@pytest.mark.skipif(not (triton_available() and cuda_kernels_available()), reason="needs CUDA, triton and nvcc")
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_harness_matches_transformers(bits):
     from qalora.bench import Harness, _graph, model_source

@@ -1,0 +1,388 @@
+// Low-bit (2/3/4-bit, float zeros) GEMV/skinny-GEMM and dequant kernels for the tile layout of
+// qalora/kernels/layout.py. Compiled at first use by qalora/kernels/cuda_ext.py (load_inline).
+//
+// Layout (per 16-row tile T and 256-column step S, one warp-load of BITS x 16 bytes per lane):
+//   tiles  uint4 [T, S, BITS, 32]   lane L = 4g + t holds 128 codes = 64 "pairs" (two codes of
+//                                   one row at adjacent columns) in 4*BITS words
+//   coef   float4 [T, Lp, 8]        {s[row g], -s*z[row g], s[row g+8], -s*z[row g+8]} per group
+// Pair p = 8*sp + 4*f + i (span sp of 32 columns, mma fragment f, A register i) is row
+// 16T + g + 8*(i&1), columns 256S + 32sp + 8t + 4f + 2*(i>>1) + {0, 1}. That is exactly the
+// m16n8k16 A-fragment of lane L when the B fragment (activations) of lane L is the 8 *contiguous*
+// columns 32sp + 8t .. +7 (one 16-byte load), so x needs no permutation.
+//
+// Codes become fp16/bf16 without conversions: OR-ing a code into the low mantissa bits of 1024.0
+// (fp16, 0x6400) or 128.0 (bf16, 0x4300) gives OFF + q exactly, one LOP3 per two codes. The mma
+// accumulates P' = sum x (q + OFF) in fp32 per group; the group epilogue applies the fp32
+// coefficients: y += s * (P' - OFF * X) + (-s z) * X with X = sum x over the group.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace qlb {
+
+template <typename T> struct Num;
+template <> struct Num<__half> {
+  static constexpr uint32_t magic = 0x64006400u;  // 1024.0 in both halves
+  static constexpr float off = 1024.f;
+  static constexpr uint32_t one2 = 0x3c003c00u;  // 1.0 in both halves
+  __device__ static float2 f2(uint32_t u) { return __half22float2(*reinterpret_cast<__half2*>(&u)); }
+  __device__ static uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static __half from(float a) { return __float2half_rn(a); }
+};
+template <> struct Num<__nv_bfloat16> {
+  static constexpr uint32_t magic = 0x43004300u;  // 128.0 in both halves
+  static constexpr float off = 128.f;
+  static constexpr uint32_t one2 = 0x3f803f80u;
+  __device__ static float2 f2(uint32_t u) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u)); }
+  __device__ static uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static __nv_bfloat16 from(float a) { return __float2bfloat16_rn(a); }
+};
+
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __half) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, __nv_bfloat16) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Weight codes and coefficients are read once: stream them past L1 so L1 keeps the activations,
+// which every block of the SM re-reads.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ float4 ld_stream(const float4* p) {
+  float4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
+  return r;
+}
+
+// Pair P of a lane's step (64 pairs in 4*BITS words) as two 16-bit floats OFF + q, given MAGIC.
+// P is a compile-time constant after unrolling, so every shift and word index is an immediate.
+template <int BITS>
+__device__ __forceinline__ uint32_t pair(const uint32_t* w, int P, uint32_t magic) {
+  if (BITS == 4) return ((w[P >> 2] >> (4 * (P & 3))) & 0x000f000fu) | magic;
+  if (BITS == 2) return ((w[P >> 3] >> (2 * (P & 7))) & 0x00030003u) | magic;
+  if (P < 60) return ((w[P / 5] >> (3 * (P % 5))) & 0x00070007u) | magic;
+  // 3 bit, pairs 60..63: bit b of each code sits in bit 15 (low code) / 31 (high code) of word 3j+b
+  const int j = P - 60;
+  return ((w[3 * j] >> 15) & 0x00010001u) | ((w[3 * j + 1] >> 14) & 0x00020002u) |
+         ((w[3 * j + 2] >> 13) & 0x00040004u) | magic;
+}
+
+enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
+
+// out[m, n] = sum_k x[m, k] W[n, k] for M <= 8*NT rows of x.
+// grid: (#tiles), block: 32*W threads; warp w takes steps [w*S/W, (w+1)*S/W) of its tile and the
+// warps' partial sums are added in shared memory (split-K inside the block: no atomics, no
+// workspace, and every output element is written by one thread, so ACCUM is a plain +=).
+// NORM: x is an fp32 residual stream [M, K]; the input is rmsnorm(x) * nw. 1/rms(x[m]) is a
+//   per-row factor, so the kernel feeds x * nw to the mma and multiplies the result by it; the
+//   block sees all of x[m] anyway, so the sum of squares comes for free.
+// epi: STORE writes T [M, N]; ACCUM adds into fp32 [M, N]; GLU (rows interleaved gate/up in
+//   blocks of 8, see layout.glu_row_perm) writes silu(gate) * up as T [M, N/2].
+template <typename T, int BITS, int NT, bool NORM>
+__global__ void __launch_bounds__(256) gemv_kernel(
+    const void* __restrict__ xv, const float* __restrict__ nw, const uint4* __restrict__ tiles,
+    const float4* __restrict__ coef, const float* __restrict__ bias, void* __restrict__ outv, int M, int N,
+    int K, int S, int Lp, int log2_spg, long long stride_xm, long long stride_om, int epi, float eps) {
+  constexpr float OFF = Num<T>::off;
+  const uint32_t ones[4] = {Num<T>::one2, Num<T>::one2, Num<T>::one2, Num<T>::one2};
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x;
+  const int s0 = warp * S / nwarps, s1 = (warp + 1) * S / nwarps;
+  const uint4* tp = tiles + (size_t)tile * S * BITS * 32 + lane;
+  const float4* cp = coef + (size_t)tile * Lp * 8 + g;
+  const int spg_mask = (1 << log2_spg) - 1;
+  const int ng = log2_spg >= 3 ? 1 : 8 >> log2_spg;  // groups per step
+  // lane t holds the coefficients of the step's groups t and t + 4 (shuffled to all at the flush)
+  const int j0 = min(t, ng - 1), j1 = min(t + 4, ng - 1);
+
+  float acc[NT][4], tmp[NT][4], xsum[NT][4], ss[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    ss[n] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = tmp[n][e] = xsum[n][e] = 0.f;
+  }
+
+  // Register FIFO two steps deep: the loads of steps s+1 and s+2 are in flight while step s is
+  // computed (one step ahead left the HBM pipe half empty).
+  uint4 cur[BITS], nx1[BITS], nx2[BITS];
+  float4 c0 = make_float4(0.f, 0.f, 0.f, 0.f), c1 = c0, d0 = c0, d1 = c0, e0 = c0, e1 = c0;
+  auto load_step = [&](int st, uint4 (&dst)[BITS], float4& q0, float4& q1) {
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) dst[j] = ld_stream(tp + ((size_t)st * BITS + j) * 32);
+    const int gb = (st * 8) >> log2_spg;
+    q0 = ld_stream(cp + (size_t)(gb + j0) * 8);
+    q1 = ld_stream(cp + (size_t)(gb + j1) * 8);
+  };
+  if (s0 < s1) load_step(s0, cur, c0, c1);
+  if (s0 + 1 < s1) load_step(s0 + 1, nx1, d0, d1);
+  for (int s = s0; s < s1; ++s) {
+    if (s + 2 < s1) load_step(s + 2, nx2, e0, e1);
+    uint32_t w[4 * BITS];
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) {
+      w[4 * j] = cur[j].x; w[4 * j + 1] = cur[j].y; w[4 * j + 2] = cur[j].z; w[4 * j + 3] = cur[j].w;
+    }
+#pragma unroll
+    for (int sp = 0; sp < 8; ++sp) {
+      const int span = s * 8 + sp;
+      const int k = span * 32 + 8 * t;
+      uint32_t b[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int row = 8 * n + g;
+        const bool ok = row < M && k < K;
+        if (NORM) {
+          const float* xr = reinterpret_cast<const float*>(xv) + (ok ? row * stride_xm + k : 0);
+          const float* nr = nw + (ok ? k : 0);
+          float4 x0 = __ldg(reinterpret_cast<const float4*>(xr)), x1 = __ldg(reinterpret_cast<const float4*>(xr + 4));
+          if (!ok) x0 = x1 = make_float4(0.f, 0.f, 0.f, 0.f);
+          const float4 n0 = __ldg(reinterpret_cast<const float4*>(nr));
+          const float4 n1 = __ldg(reinterpret_cast<const float4*>(nr + 4));
+          ss[n] += x0.x * x0.x + x0.y * x0.y + x0.z * x0.z + x0.w * x0.w + x1.x * x1.x + x1.y * x1.y +
+                   x1.z * x1.z + x1.w * x1.w;
+          b[n][0] = Num<T>::pack(x0.x * n0.x, x0.y * n0.y);
+          b[n][1] = Num<T>::pack(x0.z * n0.z, x0.w * n0.w);
+          b[n][2] = Num<T>::pack(x1.x * n1.x, x1.y * n1.y);
+          b[n][3] = Num<T>::pack(x1.z * n1.z, x1.w * n1.w);
+        } else {
+          const T* xr = reinterpret_cast<const T*>(xv) + (ok ? row * stride_xm + k : 0);
+          uint4 v = __ldg(reinterpret_cast<const uint4*>(xr));
+          if (!ok) v = make_uint4(0u, 0u, 0u, 0u);
+          b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
+        }
+      }
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        uint32_t a[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = pair<BITS>(w, 8 * sp + 4 * f + i, Num<T>::magic);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          mma(tmp[n], a, b[n][2 * f], b[n][2 * f + 1], T());
+          // X = sum of the (rounded) activations, by the tensor cores: A = ones puts it straight
+          // into the accumulator layout, and it is exactly what the OFF * X term must cancel
+          mma(xsum[n], ones, b[n][2 * f], b[n][2 * f + 1], T());
+        }
+      }
+      if (((span + 1) & spg_mask) == 0 || (sp == 7 && s + 1 == s1)) {  // group (or slice) ends
+        const int j = log2_spg >= 3 ? 0 : sp >> log2_spg;             // group within the step
+        const float4 mine = j >= 4 ? c1 : c0;
+        const int src = 4 * g + (j & 3);
+        const float sA = __shfl_sync(0xffffffffu, mine.x, src), zA = __shfl_sync(0xffffffffu, mine.y, src);
+        const float sB = __shfl_sync(0xffffffffu, mine.z, src), zB = __shfl_sync(0xffffffffu, mine.w, src);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[n][0] += sA * (tmp[n][0] - OFF * xsum[n][0]) + zA * xsum[n][0];
+          acc[n][1] += sA * (tmp[n][1] - OFF * xsum[n][1]) + zA * xsum[n][1];
+          acc[n][2] += sB * (tmp[n][2] - OFF * xsum[n][2]) + zB * xsum[n][2];
+          acc[n][3] += sB * (tmp[n][3] - OFF * xsum[n][3]) + zB * xsum[n][3];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) tmp[n][e] = xsum[n][e] = 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) {
+      cur[j] = nx1[j];
+      nx1[j] = nx2[j];
+    }
+    c0 = d0; c1 = d1; d0 = e0; d1 = e1;
+  }
+
+  // block reduction over the warps' K slices
+  __shared__ float red[8][NT * 4][32];
+  __shared__ float rss[8][8 * NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[warp][n * 4 + e][lane] = acc[n][e];
+    if (NORM) {
+      float v = ss[n];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      if (t == 0) rss[warp][8 * n + g] = v;
+    }
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  const int row0 = tile * 16 + g;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    float y[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = 0.f;
+      for (int w2 = 0; w2 < nwarps; ++w2) v += red[w2][n * 4 + e][lane];
+      y[e] = v;
+    }
+    if (NORM) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * n + 2 * t + (e & 1);
+        float q = 0.f;
+        for (int w2 = 0; w2 < nwarps; ++w2) q += rss[w2][col];
+        y[e] *= rsqrtf(q / K + eps);
+      }
+    }
+    if (bias != nullptr) {
+      if (row0 < N) { y[0] += bias[row0]; y[1] += bias[row0]; }
+      if (row0 + 8 < N) { y[2] += bias[row0 + 8]; y[3] += bias[row0 + 8]; }
+    }
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = 8 * n + 2 * t + c;
+      if (col >= M) continue;
+      if (epi == GLU) {  // rows g (gate) and g + 8 (up) of this tile are gate/up of output 8*tile+g
+        const int j = tile * 8 + g;
+        if (j < N / 2) {
+          const float gt = y[c], up = y[2 + c];
+          reinterpret_cast<T*>(outv)[col * stride_om + j] = Num<T>::from(gt / (1.f + __expf(-gt)) * up);
+        }
+        continue;
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + 8 * h;
+        if (row >= N) continue;
+        if (epi == ACCUM) reinterpret_cast<float*>(outv)[col * stride_om + row] += y[2 * h + c];
+        else reinterpret_cast<T*>(outv)[col * stride_om + row] = Num<T>::from(y[2 * h + c]);
+      }
+    }
+  }
+}
+
+// out[N, K] (T = half / bf16 / float) = W, exact in fp32 before the cast: w = s * q + (-s z).
+// grid (#tiles, cdiv(S, 4)), block 128: warp w decodes step 4*blockIdx.y + w of its tile.
+template <typename T, int BITS>
+__global__ void __launch_bounds__(128) dequant_kernel(const uint4* __restrict__ tiles, const float4* __restrict__ coef,
+                                                      T* __restrict__ out, int N, int K, int S, int Lp, int log2_spg) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x, s = blockIdx.y * 4 + (threadIdx.x >> 5);
+  if (s >= S) return;
+  const uint4* tp = tiles + ((size_t)tile * S + s) * BITS * 32 + lane;
+  uint32_t w[4 * BITS];
+#pragma unroll
+  for (int j = 0; j < BITS; ++j) {
+    const uint4 v = ld_stream(tp + j * 32);
+    w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
+  }
+#pragma unroll
+  for (int sp = 0; sp < 8; ++sp) {
+    const int span = s * 8 + sp, k = span * 32 + 8 * t;
+    if (k >= K) break;
+    const float4 cf = __ldg(coef + ((size_t)tile * Lp + (span >> log2_spg)) * 8 + g);
+    float v[2][8];  // [row g / g+8][8 consecutive columns]
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 q = Num<__half>::f2(pair<BITS>(w, 8 * sp + 4 * f + i, Num<__half>::magic));
+        const int r = i & 1, c = 4 * f + 2 * (i >> 1);
+        const float sc = r ? cf.z : cf.x, zc = r ? cf.w : cf.y;
+        v[r][c] = fmaf(q.x - 1024.f, sc, zc);
+        v[r][c + 1] = fmaf(q.y - 1024.f, sc, zc);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = tile * 16 + g + 8 * r;
+      if (row >= N) continue;
+      T* o = out + (size_t)row * K + k;
+      if constexpr (sizeof(T) == 4) {
+        reinterpret_cast<float4*>(o)[0] = make_float4(v[r][0], v[r][1], v[r][2], v[r][3]);
+        reinterpret_cast<float4*>(o)[1] = make_float4(v[r][4], v[r][5], v[r][6], v[r][7]);
+      } else {
+        uint4 u;
+        u.x = Num<T>::pack(v[r][0], v[r][1]);
+        u.y = Num<T>::pack(v[r][2], v[r][3]);
+        u.z = Num<T>::pack(v[r][4], v[r][5]);
+        u.w = Num<T>::pack(v[r][6], v[r][7]);
+        *reinterpret_cast<uint4*>(o) = u;
+      }
+    }
+  }
+}
+
+}  // namespace qlb
+
+#ifdef QLB_TU_BITS
+// One translation unit per bit width (cuda_ext.py builds three in parallel): host launchers.
+#include <ATen/cuda/CUDAContext.h>
+#include <torch/extension.h>
+
+#define QLB_CAT2(a, b) a##b
+#define QLB_CAT(a, b) QLB_CAT2(a, b)
+
+// Internal linkage: every translation unit defines launch_gemv<T> for its own BITS, and with
+// external linkage the linker would keep one of them for all three bit widths.
+namespace {
+
+template <typename T>
+void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
+                 const torch::Tensor& bias, torch::Tensor& out, int M, int N, int K, int log2_spg, int epi, double eps,
+                 int warps) {
+  constexpr int BITS = QLB_TU_BITS;
+  const int T_ = tiles.size(0), S = tiles.size(1), Lp = coef.size(1);
+  const bool norm = nw.numel() > 0;
+  const float* bp = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
+  const float* np = norm ? nw.data_ptr<float>() : nullptr;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dim3 grid(T_), block(32 * warps);
+#define QLB_GEMV(NT, NORM)                                                                                         \
+  qlb::gemv_kernel<T, BITS, NT, NORM><<<grid, block, 0, stream>>>(                                                      \
+      x.data_ptr(), np, reinterpret_cast<const uint4*>(tiles.data_ptr()),                                          \
+      reinterpret_cast<const float4*>(coef.data_ptr()), bp, out.data_ptr(), M, N, K, S, Lp, log2_spg, x.stride(0), \
+      out.stride(0), epi, (float)eps)
+  if (M <= 8) { if (norm) QLB_GEMV(1, true); else QLB_GEMV(1, false); }
+  else if (M <= 16) { if (norm) QLB_GEMV(2, true); else QLB_GEMV(2, false); }
+  else { if (norm) QLB_GEMV(4, true); else QLB_GEMV(4, false); }
+#undef QLB_GEMV
+}
+
+template <typename T>
+void launch_dequant(const torch::Tensor& tiles, const torch::Tensor& coef, T* out, int N, int K, int log2_spg) {
+  const int T_ = tiles.size(0), S = tiles.size(1), Lp = coef.size(1);
+  dim3 grid(T_, (S + 3) / 4), block(128);
+  qlb::dequant_kernel<T, QLB_TU_BITS><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint4*>(tiles.data_ptr()), reinterpret_cast<const float4*>(coef.data_ptr()), out, N, K, S,
+      Lp, log2_spg);
+}
+
+}  // namespace
+
+void QLB_CAT(gemv_b, QLB_TU_BITS)(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef,
+                                  torch::Tensor bias, torch::Tensor out, int64_t n, int64_t k, int64_t log2_spg,
+                                  int64_t epi, double eps, int64_t warps, bool bf16) {
+  const int M = x.size(0);
+  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps);
+  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void QLB_CAT(dequant_b, QLB_TU_BITS)(torch::Tensor tiles, torch::Tensor coef, torch::Tensor out, int64_t log2_spg) {
+  const int N = out.size(0), K = out.size(1);
+  if (out.scalar_type() == at::kBFloat16)
+    launch_dequant(tiles, coef, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), N, K, log2_spg);
+  else if (out.scalar_type() == at::kHalf)
+    launch_dequant(tiles, coef, reinterpret_cast<__half*>(out.data_ptr()), N, K, log2_spg);
+  else launch_dequant(tiles, coef, out.data_ptr<float>(), N, K, log2_spg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
