@@ -151,8 +151,8 @@ def code_version(*entry_modules: str) -> str:
 
     With no argument: every source and data file of the qalora package (run lineage). With entry
     modules (``"tasks.tune"``): only the files those modules can execute, i.e. the closure of their
-    imports inside qalora and the entries' own top-level packages, plus the package data (yaml/json)
-    of every package in it. So editing the kernels re-runs the benchmark stage but not the tune.
+    imports inside qalora and the entries' own top-level packages, plus the package data (yaml, json,
+    CUDA sources) of every package in it. So editing the kernels re-runs the benchmark stage but not the tune.
     """
     if not entry_modules:
         root = Path(__file__).resolve().parent
@@ -162,11 +162,9 @@ def code_version(*entry_modules: str) -> str:
     return _hash_files(files, Path(os.path.commonpath([str(f.parent) for f in files])))
 
 
-_SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".json")
-
-
 def _is_source(path: Path) -> bool:
-    return path.is_file() and path.suffix in _SOURCE_SUFFIXES and "__pycache__" not in path.parts
+    """Any file shipped in the package (code, kernels, prompt templates), not bytecode."""
+    return path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".so")
 
 
 def _hash_files(files: list[Path], root: Path) -> str:
@@ -193,7 +191,7 @@ def _module_file(name: str) -> Path | None:
 
 
 def _package_data(package: Path) -> set[Path]:
-    """yaml/json files of ``package``: in its folder and in subfolders that are not packages."""
+    """Non-Python files of ``package``: in its folder and in subfolders that are not packages."""
     def own(path: Path) -> bool:
         between = path.relative_to(package).parents
         return not any((package / d / "__init__.py").is_file() for d in between if d != Path("."))
