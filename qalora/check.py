@@ -4,8 +4,9 @@
 2. scales     scales (and every other tensor but the zeros) identical; only zeros moved
 3. logits     merged vs unmerged (base + adapter) logits in fp32: max relative L2 error <= rel_tol,
               greedy continuations token-identical
-4. deploy     the deploy kernel of every merged layer (qalora.kernels) vs an fp64 dequant matmul,
-              within the dtype's rounding bound (D_in * eps, the classic dot-product bound)
+4. deploy     the deploy path of every merged layer (qalora.kernels) in fp32 and bf16 vs an fp64
+              dequant matmul, within each dtype's rounding bound (D_in * eps, the classic
+              dot-product bound)
 5. roundtrip  save -> reload of the merged model reproduces every tensor byte for byte
 """
 
@@ -71,14 +72,19 @@ def _check_logits(unmerged, merged, tokenizer, p: CheckParams) -> dict[str, Any]
 
 
 @torch.no_grad()
-def _check_deploy(merged, dtype: torch.dtype = torch.float32, rows: int = 4) -> dict[str, Any]:
-    """The deploy kernel each layer gets on its device (qalora.kernels: int4pack on CPU for 4-bit,
-    Triton on CUDA, dequant otherwise) in ``dtype``, vs an fp64 dequant matmul."""
+def _check_deploy(merged, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+                  rows: int = 4) -> dict[str, Any]:
+    """The deploy path each layer gets on its device (qalora.kernels: CUDA kernels in fp16/bf16,
+    int4pack on CPU for 4-bit, dequant otherwise) in each of ``dtypes``, vs an fp64 dequant matmul.
+
+    Both dtypes run because the paths differ by dtype: on CPU fp32 is the exact dequantized matmul
+    and bf16 the int4pack kernel; on CUDA fp32 is the reference path and bf16 the CUDA kernel.
+    """
     from qalora.kernels import PreparedLowBitLinear
 
-    worst, worst_layer, backends = 0.0, None, set()
+    by_dtype: dict[str, dict[str, Any]] = {}
+    backends: set[str] = set()
     g = torch.Generator().manual_seed(0)
-    eps = torch.finfo(dtype).eps
     for name, layer in lowbit_layers(merged).items():
         x = torch.randn(rows, layer.in_features, generator=g, dtype=torch.float64)
         w = layer.dequantized_weight().double()
@@ -86,12 +92,17 @@ def _check_deploy(merged, dtype: torch.dtype = torch.float32, rows: int = 4) -> 
         scale = x.abs() @ w.abs().t()  # |x| |W|: the magnitude the rounding bound scales with
         deploy = PreparedLowBitLinear.from_layer(layer)
         backends.add(deploy.backend)
-        out = deploy(x.to(dtype)).double()
-        err = ((out - ref).abs() / (scale * layer.in_features * eps + 1e-30)).max().item()
-        if err > worst:
-            worst, worst_layer = err, name
-    return {"passed": worst <= 1.0, "dtype": str(dtype).removeprefix("torch."), "backends": sorted(backends),
-            "max_error_over_bound": worst, "worst_layer": worst_layer}
+        for dtype in dtypes:
+            out = deploy(x.to(dtype)).double()
+            bound = scale * layer.in_features * torch.finfo(dtype).eps + 1e-30
+            err = ((out - ref).abs() / bound).max().item()
+            worst = by_dtype.setdefault(str(dtype).removeprefix("torch."), {"max_error_over_bound": 0.0,
+                                                                            "worst_layer": None})
+            if err > worst["max_error_over_bound"]:
+                worst.update(max_error_over_bound=err, worst_layer=name)
+    worst_error = max((d["max_error_over_bound"] for d in by_dtype.values()), default=0.0)
+    return {"passed": worst_error <= 1.0, "dtypes": sorted(by_dtype), "backends": sorted(backends),
+            "max_error_over_bound": worst_error, "by_dtype": by_dtype}
 
 
 def _check_roundtrip(merged, tokenizer, merged_dir: Path) -> dict[str, Any]:

@@ -6,7 +6,10 @@ Backends (chosen per layer by :func:`select_backend`, or forced):
   the weight is repacked once into tiles (:mod:`qalora.kernels.layout`); rows M <=
   ``gpu.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``), larger M
   dequantize with one kernel then run cuBLAS.
-- ``"int4pack"`` (CPU, 4 bit): torch's ``_weight_int4pack_mm_for_cpu`` with fp32 scale/zero.
+- ``"int4pack"`` (CPU, 4 bit): bf16/fp16 activations run torch's ``_weight_int4pack_mm_for_cpu`` in
+  their dtype (scale/zero rounded to it: :func:`~qalora.kernels.cpu.int4_error_bound`); fp32
+  activations run an fp32 matmul on the weight dequantized once (exact; torch's fp32 int4pack
+  kernel is a slow scalar fallback), trading memory for speed.
 - ``"dequant"`` (anywhere, any bits): the reference dequant then ``F.linear``.
 
 The CUDA extension is compiled on first use (``cuda_ext``), so this package imports anywhere.
@@ -15,6 +18,7 @@ The CUDA extension is compiled on first use (``cuda_ext``), so this package impo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qalora.kernels.cpu import dequant_linear, int4_linear, int4pack_available
@@ -114,8 +118,12 @@ def lowbit_linear(x: torch.Tensor, w: PreparedWeight | LowBitLinear, backend: st
 
         return gpu.matmul(x, pw)
     if backend == "int4pack" and pw.cpu_int4 is not None:
+        if x.dtype == torch.float32:
+            # torch's fp32 int4pack CPU kernel is a scalar fallback (20x slower than a dense fp32
+            # matmul at M=1, 86x at M=128): dequantize once and keep the exact fp32 GEMM instead.
+            return F.linear(x, pw.dense_weight(), pw.ref_bias)
         packed, sz = pw.cpu_int4
-        return int4_linear(x, packed, sz, pw.group_size, pw.ref_bias)
+        return int4_linear(x, packed, sz, pw.group_size, pw.ref_bias, exact=False)
     if pw.glu:
         raise ValueError("a glu-prepared weight runs on the cuda backend only (gpu.matmul)")
     return dequant_linear(x, pw.qweight, pw.scales, pw.zeros, pw.bits, pw.group_size, pw.ref_bias)

@@ -1,10 +1,12 @@
 """CPU paths: 4-bit through torch's int4pack CPU kernel, 2/3/8 bit through the reference dequant.
 
 torch's CPU int4 kernel computes W = (q - 8) * s + zp with per-(group, row) ``(s, zp)`` stored in
-the activation dtype. With the canonical W = s * (q - z) that is zp = s * (8 - z). In fp32 (the
-default here: CPU bf16 math is slow on AVX2 machines and rounds zp) the result matches the
-reference dequant to fp32 rounding; with bf16 operands zp is rounded to bf16, an error of up to
-2^-8 * |s (8 - z)| per weight (``int4_error_bound``), so ``int4_linear`` upcasts to fp32 by default.
+the activation dtype. With the canonical W = s * (q - z) that is zp = s * (8 - z). In fp32 the
+result matches the reference dequant to fp32 rounding, but torch 2.13's fp32 variant is a slow
+scalar loop (20-86x a dense fp32 matmul), so the int4pack backend sends fp32 activations to a
+once-dequantized fp32 weight instead and uses this kernel for bf16/fp16 activations, where zp is
+rounded to the activation dtype: an error of up to 2^-8 * |s (8 - z)| per weight in bf16
+(``int4_error_bound``), the same order as the bf16 rounding of the activations themselves.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from qalora.kernels.layout import check_kernel_shape, make_coef, pack_tiles
-from qalora.lowbit import LowBitLinear, pack_codes, unpack_codes
+from qalora.lowbit import LowBitLinear, dequantize, pack_codes, unpack_codes
 
 
 @dataclass
@@ -23,6 +23,7 @@ class PreparedWeight:
       CPU kernel, or None
     - ``qweight``/``scales``/``zeros``/``ref_bias``: the canonical buffers (natural row order),
       kept for the reference/dequant fallback; None when dropped to save memory
+    - ``dense``: fp32 [N, K] dequantized weight, built on first fp32 CPU call (``dense_weight``)
     """
 
     tiles: torch.Tensor | None
@@ -38,6 +39,15 @@ class PreparedWeight:
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     ref_bias: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """fp32 [N, K] reference dequant, built on first use and kept (the CPU fp32 path)."""
+        if self.dense is None:
+            if self.qweight is None:
+                raise ValueError("the canonical buffers were dropped: no dense weight to build")
+            self.dense = dequantize(unpack_codes(self.qweight, self.bits), self.scales, self.zeros, self.group_size)
+        return self.dense
 
     @property
     def log2_spg(self) -> int:

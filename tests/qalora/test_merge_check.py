@@ -31,6 +31,8 @@ def test_merge_is_exact_after_tuning(tmp_path, bits, group_size):
     assert checks["logits"]["greedy_identical_prompts"] == 2
     assert checks["roundtrip"]["weights_file_identical"]
     assert checks["deploy"]["backends"] == (["int4pack"] if bits == 4 else ["dequant"])  # CPU deploy kernels
+    assert checks["deploy"]["dtypes"] == ["bfloat16", "float32"]
+    assert checks["deploy"]["by_dtype"]["float32"]["max_error_over_bound"] < 0.1  # exact path: far under
 
 
 def test_check_fails_when_codes_change(tmp_path):

@@ -40,8 +40,8 @@ def test_int4pack_fp32_matches_reference(g):
 
 @needs_int4
 def test_int4pack_bf16_error_within_bound():
-    """bf16 operands round zp = s(8 - z) and s: measured error stays under the analytic bound,
-    and the exact (fp32) path is what the dispatcher uses."""
+    """bf16 operands round zp = s(8 - z) and s: measured error stays under the analytic bound;
+    with fp32 operands the kernel is exact to fp32 rounding."""
     lay = _layer(4, n=128, k=512, g=128, seed=3)
     pw = prepare_layer(lay, cpu_int4=True)
     eye = torch.eye(512)
@@ -52,6 +52,26 @@ def test_int4pack_bf16_error_within_bound():
     assert (w_fast - w_ref).abs().max().item() <= bound + out_round
     w_exact = int4_linear(eye, *pw.cpu_int4, 128).t()
     assert (w_exact - w_ref).abs().max().item() < 1e-6
+
+
+@needs_int4
+def test_int4pack_backend_paths_by_dtype(monkeypatch):
+    """fp32 activations: the weight dequantized once, bit-identical to LowBitLinear's own forward,
+    never torch's (slow) fp32 int4pack kernel; bf16: the int4pack kernel in bf16."""
+    import qalora.kernels as kernels
+
+    lay = _layer(4, n=96, k=256, g=64, seed=5, bias=True)
+    fast = PreparedLowBitLinear.from_layer(lay)
+    assert fast.backend == "int4pack"
+    calls = []
+    real = kernels.int4_linear
+    monkeypatch.setattr(kernels, "int4_linear", lambda *a, **kw: calls.append(a[0].dtype) or real(*a, **kw))
+    x = torch.randn(7, 256)
+    assert torch.equal(fast(x), lay(x)) and calls == []
+    assert fast.prepared.dense is not None  # kept for the next call
+    y = fast(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and calls == [torch.bfloat16]
+    assert _rel(y, lay(x)) < 1e-2  # bf16 rounding of x, scale/zero and the output
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
