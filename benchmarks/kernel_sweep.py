@@ -2,8 +2,10 @@
 
     PYTHONPATH=. python3 benchmarks/kernel_sweep.py --json OUT.json [--bits 4,3,2] [--sections gemv,largem]
 
-gemv: the skinny kernel at M = 1/8/16/32 for several warps-per-tile, with its achieved bandwidth
-(codes + coefficients + activations + output) and cuBLAS bf16 F.linear on the same shape.
+gemv: the skinny kernel at M = 1/8/16/32 (warps per tile x pipeline stages swept at M <= 8), used
+as in the decode step (qkv and gate_up with the RMSNorm prologue on an fp32 stream, o and down
+accumulating into it), with its achieved bandwidth (codes + coefficients + activations + output), and
+cuBLAS bf16 F.linear on the same shape.
 largem: dequant + cuBLAS against cuBLAS bf16 at M = 256/512/2048, and the dequant kernel alone.
 Timings: CUDA-graph replays of 20 calls (no launch gaps), median of 15, inputs reused (L2 warm
 for the activations, not for the weights: every weight set below is larger than the 50 MB L2
@@ -62,31 +64,49 @@ def copies(make, n: int, nbytes: int) -> list:
     return [make() for _ in range(max(1, min(4, -(-120_000_000 // max(nbytes, 1)))))]
 
 
-def sweep_gemv(bits: int, rows: list[dict]) -> None:
+NORM_SHAPES = {"qkv", "gate_up"}  # as in the decode step: RMSNorm fused on an fp32 stream; o/down add into it
+
+
+def sweep_gemv(bits: int, rows: list[dict], ms: tuple[int, ...] = (1, 8, 16, 32)) -> None:
     for name, (n, k) in SHAPES.items():
         pws = copies(lambda: rand_pw(n, k, bits), 4, n * k * bits // 8)
         dense = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 4, n * k * 2) if bits == 4 else []
-        for m in (1, 8, 16, 32):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        norm = name in NORM_SHAPES
+        nw = torch.rand(k, device="cuda") + 0.5
+        for m in ms:
+            xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = xb.float() if norm else xb
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            acc = torch.zeros(m, n, device="cuda")
             it = {"i": 0}
-            for warps in (2, 4, 8):
-                def run(warps=warps):
-                    gpu.gemv(x, pws[it["i"] % len(pws)], out=out, warps=warps)
+            configs = [(w, st) for w in (4, 8) for st in (2, 3, 4)] if m <= 8 else [(None, gpu.DEFAULT_STAGES)]
+            for warps, stages in configs:
+                def run(warps=warps, stages=stages):
+                    pw = pws[it["i"] % len(pws)]
+                    if norm:
+                        gpu.gemv(x, pw, out=out, norm_weight=nw, dtype=torch.bfloat16, warps=warps, stages=stages)
+                    else:
+                        gpu.gemv(x, pw, out=acc, accumulate=True, warps=warps, stages=stages)
                     it["i"] += 1
                 us = time_us(run)
-                nbytes = pws[0].nbytes() + x.numel() * 2 + out.numel() * 2
-                rows.append({"kind": "gemv", "bits": bits, "shape": name, "m": m, "warps": warps, "us": us,
-                             "TBps": nbytes / us / 1e6})
+                nbytes = pws[0].nbytes() + x.numel() * x.element_size() + out.numel() * 2
+                rows.append({"kind": "gemv", "bits": bits, "shape": name, "m": m, "warps": warps, "stages": stages,
+                             "norm": norm, "us": us, "TBps": nbytes / us / 1e6})
             if dense:
                 def cub():
-                    F.linear(x, dense[it["i"] % len(dense)], out=out)
+                    F.linear(xb, dense[it["i"] % len(dense)], out=out)
                     it["i"] += 1
                 us = time_us(cub)
                 rows.append({"kind": "cublas_bf16", "bits": 16, "shape": name, "m": m, "us": us,
-                             "TBps": (n * k * 2 + x.numel() * 2 + out.numel() * 2) / us / 1e6})
-            print(" ".join(f"{r['kind']}:{r.get('warps', '')}:{r['us']:.1f}us/{r['TBps']:.2f}TB/s"
-                           for r in rows[-4:]), f"<- {bits}b {name} m={m}", flush=True)
+                             "TBps": (n * k * 2 + xb.numel() * 2 + out.numel() * 2) / us / 1e6})
+            best = min((r for r in rows if r["kind"] == "gemv" and r["shape"] == name and r["m"] == m and r["bits"] == bits),
+                       key=lambda r: r["us"])
+            cub_us = rows[-1]["us"] if dense else float("nan")
+            print(f"{bits}b {name} m={m}: best gemv {best['us']:.1f} us ({best['TBps']:.2f} TB/s, warps={best['warps']}, "
+                  f"stages={best['stages']}); cuBLAS bf16 {cub_us:.1f} us; all: "
+                  + " ".join(f"{r['warps']}/{r['stages']}:{r['us']:.1f}" for r in rows
+                             if r["kind"] == "gemv" and r["shape"] == name and r["m"] == m and r["bits"] == bits),
+                  flush=True)
         del pws, dense
         torch.cuda.empty_cache()
 
@@ -114,12 +134,13 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--sections", default="gemv,largem")
+    ap.add_argument("--m", default="1,8,16,32", help="gemv rows to sweep")
     args = ap.parse_args()
     rows: list[dict] = []
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for bits in [int(b) for b in args.bits.split(",")]:
         if "gemv" in args.sections:
-            sweep_gemv(bits, rows)
+            sweep_gemv(bits, rows, tuple(int(m) for m in args.m.split(",")))
         if "largem" in args.sections:
             sweep_largem(bits, rows)
     with open(args.json, "w") as f:

@@ -25,7 +25,7 @@ BINDING = """
 #include <torch/extension.h>
 #define QLB_DECL(B)                                                                                          \\
   void gemv_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,   \\
-                 int64_t, int64_t, int64_t, int64_t, double, int64_t, bool);                                \\
+                 int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool);                       \\
   void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);
 QLB_DECL(2) QLB_DECL(3) QLB_DECL(4)
 
@@ -33,12 +33,13 @@ QLB_DECL(2) QLB_DECL(3) QLB_DECL(4)
 // out: [M, N] (epi 0, compute dtype), fp32 [M, N] (epi 1), [M, N/2] (epi 2)
 void gemv(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef, torch::Tensor bias,
           torch::Tensor out, int64_t bits, int64_t n, int64_t k, int64_t log2_spg, int64_t epi, double eps,
-          int64_t warps, bool bf16) {
+          int64_t warps, int64_t stages, bool bf16) {
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 32, "gemv takes 1..32 rows");
   TORCH_CHECK(warps >= 1 && warps <= 8, "1..8 warps per block");
-  if (bits == 4) gemv_b4(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, bf16);
-  else if (bits == 3) gemv_b3(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, bf16);
-  else if (bits == 2) gemv_b2(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, bf16);
+  TORCH_CHECK(stages >= 1 && stages <= 4, "1..4 pipeline stages");
+  if (bits == 4) gemv_b4(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16);
+  else if (bits == 3) gemv_b3(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16);
+  else if (bits == 2) gemv_b2(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16);
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
 }
 

@@ -21,7 +21,9 @@ from qalora.kernels.prepared import PreparedWeight
 
 SKINNY_MAX_M = 32  # rows above this dequantize then run cuBLAS
 EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
+MANY_TILES = 512  # 16-row tiles from which 4 warps per tile keep the SMs as busy as 8
 MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
+DEFAULT_STAGES = 2  # cp.async ring slots per warp: stages - 1 steps in flight while one is computed
 
 _EMPTY: dict[torch.device, torch.Tensor] = {}
 
@@ -35,8 +37,12 @@ def _empty(device: torch.device) -> torch.Tensor:
 
 
 def default_warps(pw: PreparedWeight) -> int:
-    """Warps per 16-row tile: one per 256-column step up to MAX_WARPS (K=4096: 8 warps x 2 steps)."""
-    return max(1, min(MAX_WARPS, pw.tiles.shape[1]))
+    """Warps per 16-row tile, each taking a slice of K: 8 when the weight has few tiles (o, down
+    of LLaMA-7B: 256 tiles), 4 when it has many (qkv 768, gate_up 1376), so that either way the
+    SMs hold enough warps; never more than one per 256-column step. Measured best at M <= 8 on
+    an H100 (benchmarks/kernel_sweep.py)."""
+    tiles, steps = pw.tiles.shape[0], pw.tiles.shape[1]
+    return max(1, min(MAX_WARPS if tiles < MANY_TILES else 4, steps))
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +66,7 @@ def gemv(
     eps: float = 1e-6,
     dtype: torch.dtype | None = None,
     warps: int | None = None,
+    stages: int = DEFAULT_STAGES,
 ) -> torch.Tensor:
     """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias).
 
@@ -68,6 +75,8 @@ def gemv(
     - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T (a residual add).
     - a ``glu`` weight returns silu(gate) * up, [M, N/2].
     - ``dtype``: compute/output dtype (fp16/bf16); defaults to x's dtype.
+    - ``warps`` per 16-row tile (1..8, each a slice of K) and ``stages`` (1..4) of each warp's
+      shared-memory load pipeline: tuning knobs, the defaults are the measured best on an H100.
     """
     m, k = x.shape
     n = pw.out_features
@@ -98,7 +107,7 @@ def gemv(
         epi = EPI_GLU if pw.glu else EPI_STORE
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
-               warps or default_warps(pw), dtype == torch.bfloat16)
+               warps or default_warps(pw), stages, dtype == torch.bfloat16)
     return out
 
 

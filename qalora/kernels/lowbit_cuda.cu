@@ -56,17 +56,25 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Weight codes and coefficients are read once: stream them past L1 so L1 keeps the activations,
-// which every block of the SM re-reads.
+// Weight codes are read once: stream them past L1 (the dequant kernel; the GEMV copies them
+// with cp.async.cg, which bypasses L1 too).
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 r;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
   return r;
 }
-__device__ __forceinline__ float4 ld_stream(const float4* p) {
-  float4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
-  return r;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// wait until at most N of this thread's cp.async groups are pending (N is 0..3)
+__device__ __forceinline__ void cp_wait_pending(int n) {
+  if (n <= 0) asm volatile("cp.async.wait_group 0;" ::: "memory");
+  else if (n == 1) asm volatile("cp.async.wait_group 1;" ::: "memory");
+  else if (n == 2) asm volatile("cp.async.wait_group 2;" ::: "memory");
+  else asm volatile("cp.async.wait_group 3;" ::: "memory");
 }
 
 // Pair P of a lane's step (64 pairs in 4*BITS words) as two 16-bit floats OFF + q, given MAGIC.
@@ -93,11 +101,18 @@ enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
 //   block sees all of x[m] anyway, so the sum of squares comes for free.
 // epi: STORE writes T [M, N]; ACCUM adds into fp32 [M, N]; GLU (rows interleaved gate/up in
 //   blocks of 8, see layout.glu_row_perm) writes silu(gate) * up as T [M, N/2].
-template <typename T, int BITS, int NT, bool NORM>
-__global__ void __launch_bounds__(256) gemv_kernel(
+// SX (few rows, see SX_MAX_ROWS): the block first stages its activations in shared memory as T
+//   (x * nw with NORM, the sums of squares alongside) while its first weight loads are in
+//   flight; the inner loop then takes each B fragment with one shared load. Without SX every
+//   span re-reads x from L1/L2 and, with NORM, re-does the fp32 multiply and convert: at M = 1
+//   most of a warp-step's instructions (Nsight Compute, qkv 4 bit: issue-bound at 21% of DRAM
+//   bandwidth, 0.44 instructions per cycle per scheduler with 3.4 warps resident).
+template <typename T, int BITS, int NT, bool NORM, bool SX>
+__global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
     const void* __restrict__ xv, const float* __restrict__ nw, const uint4* __restrict__ tiles,
     const float4* __restrict__ coef, const float* __restrict__ bias, void* __restrict__ outv, int M, int N,
-    int K, int S, int Lp, int log2_spg, long long stride_xm, long long stride_om, int epi, float eps) {
+    int K, int S, int Lp, int log2_spg, long long stride_xm, long long stride_om, int epi, float eps, int nst,
+    int ring_off) {
   constexpr float OFF = Num<T>::off;
   const uint32_t ones[4] = {Num<T>::one2, Num<T>::one2, Num<T>::one2, Num<T>::one2};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -119,26 +134,82 @@ __global__ void __launch_bounds__(256) gemv_kernel(
     for (int e = 0; e < 4; ++e) acc[n][e] = tmp[n][e] = xsum[n][e] = 0.f;
   }
 
-  // Register FIFO two steps deep: the loads of steps s+1 and s+2 are in flight while step s is
-  // computed (one step ahead left the HBM pipe half empty).
-  uint4 cur[BITS], nx1[BITS], nx2[BITS];
-  float4 c0 = make_float4(0.f, 0.f, 0.f, 0.f), c1 = c0, d0 = c0, d1 = c0, e0 = c0, e1 = c0;
-  auto load_step = [&](int st, uint4 (&dst)[BITS], float4& q0, float4& q1) {
+  // Weight codes and coefficients stream through a per-warp ring of NST shared-memory slots
+  // filled by cp.async: NST - 1 steps are in flight while one is computed, at no register cost
+  // (a register FIFO of the same depth took 48 registers at 4 bit and capped the SM at 2 blocks).
+  // A lane reads back only the 16-byte chunks it copied itself, so no barrier is needed.
+  extern __shared__ uint4 dyn_smem[];
+  constexpr int SLOT = BITS * 32 + 64;  // uint4s per slot: codes, then 2 float4 coefficients per lane
+  uint4* ring = dyn_smem + ring_off + (size_t)warp * nst * SLOT;
+  auto issue_step = [&](int st, int slot) {
+    uint4* d = ring + slot * SLOT;
 #pragma unroll
-    for (int j = 0; j < BITS; ++j) dst[j] = ld_stream(tp + ((size_t)st * BITS + j) * 32);
+    for (int j = 0; j < BITS; ++j) cp_async16(d + j * 32 + lane, tp + ((size_t)st * BITS + j) * 32);
     const int gb = (st * 8) >> log2_spg;
-    q0 = ld_stream(cp + (size_t)(gb + j0) * 8);
-    q1 = ld_stream(cp + (size_t)(gb + j1) * 8);
+    cp_async16(d + BITS * 32 + 2 * lane, cp + (size_t)(gb + j0) * 8);
+    cp_async16(d + BITS * 32 + 2 * lane + 1, cp + (size_t)(gb + j1) * 8);
   };
-  if (s0 < s1) load_step(s0, cur, c0, c1);
-  if (s0 + 1 < s1) load_step(s0 + 1, nx1, d0, d1);
+  for (int i = 0; i < nst - 1; ++i) {
+    if (s0 + i < s1) issue_step(s0 + i, i);
+    cp_commit();
+  }
+
+  // SX staging: row r of x at sx[r * ldx], padded by 32 elements so that rows g and g+1 of a
+  // quarter-warp's 16-byte loads fall in different banks
+  const T* sx = reinterpret_cast<const T*>(dyn_smem);
+  const int ldx = K + 32;
+  __shared__ float rss_sx[8];
+  if (SX) {
+    if (threadIdx.x < 8) rss_sx[threadIdx.x] = 0.f;
+    if (NORM) __syncthreads();
+    const int chunks = K >> 3;
+    float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
+    for (int idx = threadIdx.x; idx < M * chunks; idx += blockDim.x) {
+      const int r = idx / chunks, k = (idx - r * chunks) << 3;
+      uint4 v;
+      if (NORM) {
+        const float* xr = reinterpret_cast<const float*>(xv) + r * stride_xm + k;
+        const float4 x0 = __ldg(reinterpret_cast<const float4*>(xr)), x1 = __ldg(reinterpret_cast<const float4*>(xr + 4));
+        const float4 n0 = __ldg(reinterpret_cast<const float4*>(nw + k)), n1 = __ldg(reinterpret_cast<const float4*>(nw + k + 4));
+        const float q = x0.x * x0.x + x0.y * x0.y + x0.z * x0.z + x0.w * x0.w + x1.x * x1.x + x1.y * x1.y +
+                        x1.z * x1.z + x1.w * x1.w;
+#pragma unroll
+        for (int rr = 0; rr < 8; ++rr) ssr[rr] += rr == r ? q : 0.f;
+        v.x = Num<T>::pack(x0.x * n0.x, x0.y * n0.y);
+        v.y = Num<T>::pack(x0.z * n0.z, x0.w * n0.w);
+        v.z = Num<T>::pack(x1.x * n1.x, x1.y * n1.y);
+        v.w = Num<T>::pack(x1.z * n1.z, x1.w * n1.w);
+      } else {
+        v = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(xv) + r * stride_xm + k));
+      }
+      *reinterpret_cast<uint4*>(const_cast<T*>(sx) + r * ldx + k) = v;
+    }
+    if (NORM) {
+#pragma unroll
+      for (int rr = 0; rr < 8; ++rr) {
+        if (rr >= M) break;
+        float q = ssr[rr];
+#pragma unroll
+        for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+        if (lane == 0) atomicAdd(&rss_sx[rr], q);
+      }
+    }
+    __syncthreads();
+  }
   for (int s = s0; s < s1; ++s) {
-    if (s + 2 < s1) load_step(s + 2, nx2, e0, e1);
+    const int it = s - s0;
+    if (s + nst - 1 < s1) issue_step(s + nst - 1, (it + nst - 1) % nst);  // the slot read last step
+    cp_commit();
+    cp_wait_pending(nst - 1);  // this step's group has landed
+    const uint4* slot = ring + (it % nst) * SLOT;
     uint32_t w[4 * BITS];
 #pragma unroll
     for (int j = 0; j < BITS; ++j) {
-      w[4 * j] = cur[j].x; w[4 * j + 1] = cur[j].y; w[4 * j + 2] = cur[j].z; w[4 * j + 3] = cur[j].w;
+      const uint4 v = slot[j * 32 + lane];
+      w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
     }
+    const float4 c0 = reinterpret_cast<const float4*>(slot)[BITS * 32 + 2 * lane];
+    const float4 c1 = reinterpret_cast<const float4*>(slot)[BITS * 32 + 2 * lane + 1];
 #pragma unroll
     for (int sp = 0; sp < 8; ++sp) {
       const int span = s * 8 + sp;
@@ -148,7 +219,11 @@ __global__ void __launch_bounds__(256) gemv_kernel(
       for (int n = 0; n < NT; ++n) {
         const int row = 8 * n + g;
         const bool ok = row < M && k < K;
-        if (NORM) {
+        if (SX) {
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (ok) v = *reinterpret_cast<const uint4*>(sx + row * ldx + k);
+          b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
+        } else if (NORM) {
           const float* xr = reinterpret_cast<const float*>(xv) + (ok ? row * stride_xm + k : 0);
           const float* nr = nw + (ok ? k : 0);
           float4 x0 = __ldg(reinterpret_cast<const float4*>(xr)), x1 = __ldg(reinterpret_cast<const float4*>(xr + 4));
@@ -198,16 +273,12 @@ __global__ void __launch_bounds__(256) gemv_kernel(
         }
       }
     }
-#pragma unroll
-    for (int j = 0; j < BITS; ++j) {
-      cur[j] = nx1[j];
-      nx1[j] = nx2[j];
-    }
-    c0 = d0; c1 = d1; d0 = e0; d1 = e1;
   }
 
-  // block reduction over the warps' K slices
-  __shared__ float red[8][NT * 4][32];
+  // block reduction over the warps' K slices, in the rings' memory once every warp is done
+  cp_wait_pending(0);
+  __syncthreads();
+  float(*red)[NT * 4][32] = reinterpret_cast<float(*)[NT * 4][32]>(dyn_smem + ring_off);
   __shared__ float rss[8][8 * NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
@@ -237,7 +308,8 @@ __global__ void __launch_bounds__(256) gemv_kernel(
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * n + 2 * t + (e & 1);
         float q = 0.f;
-        for (int w2 = 0; w2 < nwarps; ++w2) q += rss[w2][col];
+        if (SX) q = col < 8 ? rss_sx[col] : 0.f;
+        else for (int w2 = 0; w2 < nwarps; ++w2) q += rss[w2][col];
         y[e] *= rsqrtf(q / K + eps);
       }
     }
@@ -325,7 +397,11 @@ __global__ void __launch_bounds__(128) dequant_kernel(const uint4* __restrict__ 
 #ifdef QLB_TU_BITS
 // One translation unit per bit width (cuda_ext.py builds three in parallel): host launchers.
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <torch/extension.h>
+
+#include <algorithm>
+#include <unordered_map>
 
 #define QLB_CAT2(a, b) a##b
 #define QLB_CAT(a, b) QLB_CAT2(a, b)
@@ -334,10 +410,35 @@ __global__ void __launch_bounds__(128) dequant_kernel(const uint4* __restrict__ 
 // external linkage the linker would keep one of them for all three bit widths.
 namespace {
 
+// Staging costs every block a pass over M x K activations (fp32 with NORM) and shared memory that
+// caps the blocks per SM: at M = 1 it paid, at M = 8 it lost (qkv 4 bit, H100: 42 us against 34
+// unstaged; benchmarks/RESULTS.md).
+constexpr int SX_MAX_ROWS = 4;
+constexpr int SX_MAX_BYTES = 24 * 1024;
+
+// The most dynamic shared memory a block of ``kern`` may take: the device's opt-in limit less the
+// kernel's static shared memory. The kernel's limit (48 KB by default) is raised to it once per
+// device.
+int smem_optin(const void* kern) {
+  static thread_local std::unordered_map<const void*, uint64_t> done;  // kernel -> device bitmask
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kern));
+  const int dyn = optin - static_cast<int>(attr.sharedSizeBytes);
+  uint64_t& mask = done[kern];
+  if (!(mask & (1ull << dev))) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
+    mask |= 1ull << dev;
+  }
+  return dyn;
+}
+
 template <typename T>
 void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
                  const torch::Tensor& bias, torch::Tensor& out, int M, int N, int K, int log2_spg, int epi, double eps,
-                 int warps) {
+                 int warps, int stages) {
   constexpr int BITS = QLB_TU_BITS;
   const int T_ = tiles.size(0), S = tiles.size(1), Lp = coef.size(1);
   const bool norm = nw.numel() > 0;
@@ -345,14 +446,28 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   const float* np = norm ? nw.data_ptr<float>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
   dim3 grid(T_), block(32 * warps);
-#define QLB_GEMV(NT, NORM)                                                                                         \
-  qlb::gemv_kernel<T, BITS, NT, NORM><<<grid, block, 0, stream>>>(                                                      \
-      x.data_ptr(), np, reinterpret_cast<const uint4*>(tiles.data_ptr()),                                          \
-      reinterpret_cast<const float4*>(coef.data_ptr()), bp, out.data_ptr(), M, N, K, S, Lp, log2_spg, x.stride(0), \
-      out.stride(0), epi, (float)eps)
-  if (M <= 8) { if (norm) QLB_GEMV(1, true); else QLB_GEMV(1, false); }
-  else if (M <= 16) { if (norm) QLB_GEMV(2, true); else QLB_GEMV(2, false); }
-  else { if (norm) QLB_GEMV(4, true); else QLB_GEMV(4, false); }
+  // dynamic shared memory: the staged activations (SX: M rows of K + 32 elements, up to
+  // SX_MAX_BYTES), then each warp's ring of nst slots
+  const int nst = std::max(1, std::min(stages, (S + warps - 1) / warps));
+  const int slot_bytes = (BITS * 32 + 64) * 16;
+  const int x_bytes = (M * (K + 32) * (int)sizeof(T) + 15) / 16 * 16;
+  const bool sx = M <= SX_MAX_ROWS && K % 8 == 0 && x_bytes <= SX_MAX_BYTES;
+  const int smem = (sx ? x_bytes : 0) + warps * nst * slot_bytes;
+#define QLB_GEMV(NT, NORM, SX)                                                                                      \
+  do {                                                                                                              \
+    auto kern = qlb::gemv_kernel<T, BITS, NT, NORM, SX>;                                                            \
+    const int dyn_max = smem_optin(reinterpret_cast<const void*>(kern));                                            \
+    TORCH_CHECK(smem <= dyn_max, "gemv needs ", smem, " bytes of shared memory, the device allows ", dyn_max,       \
+                "; use fewer warps or stages");                                                                     \
+    kern<<<grid, block, smem, stream>>>(x.data_ptr(), np, reinterpret_cast<const uint4*>(tiles.data_ptr()),         \
+                                        reinterpret_cast<const float4*>(coef.data_ptr()), bp, out.data_ptr(), M, N, \
+                                        K, S, Lp, log2_spg, x.stride(0), out.stride(0), epi, (float)eps, nst,      \
+                                        SX ? x_bytes / 16 : 0);                                                     \
+  } while (0)
+  if (sx) { if (norm) QLB_GEMV(1, true, true); else QLB_GEMV(1, false, true); }
+  else if (M <= 8) { if (norm) QLB_GEMV(1, true, false); else QLB_GEMV(1, false, false); }
+  else if (M <= 16) { if (norm) QLB_GEMV(2, true, false); else QLB_GEMV(2, false, false); }
+  else { if (norm) QLB_GEMV(4, true, false); else QLB_GEMV(4, false, false); }
 #undef QLB_GEMV
 }
 
@@ -369,10 +484,10 @@ void launch_dequant(const torch::Tensor& tiles, const torch::Tensor& coef, T* ou
 
 void QLB_CAT(gemv_b, QLB_TU_BITS)(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef,
                                   torch::Tensor bias, torch::Tensor out, int64_t n, int64_t k, int64_t log2_spg,
-                                  int64_t epi, double eps, int64_t warps, bool bf16) {
+                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16) {
   const int M = x.size(0);
-  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps);
-  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps);
+  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages);
+  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -89,6 +89,25 @@ def test_gemv_fusions(bits, dtype):
     _check(gpu.matmul(x, glu), _ref(x, glu), dtype)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gemv_pipeline_depths_and_staging(bits):
+    """Every load-pipeline depth and warp count, with the activations staged in shared memory
+    (M * K small) and read from global memory (M=8 rows of K=4736 exceed the staging budget)."""
+    from qalora.kernels import gpu
+
+    for n, k, ms in ((48, 4736, (3, 8)), (40, 640, (1, 7))):
+        pw = _pw(n, k, bits, 128, seed=bits + k)
+        nw = torch.rand(k, device="cuda") + 0.5
+        for m in ms:
+            h = torch.randn(m, k, device="cuda")
+            xn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+            for stages in (1, 2, 3, 4):
+                for warps in (2, 8):
+                    _check(gpu.gemv(h.bfloat16(), pw, warps=warps, stages=stages), _ref(h.bfloat16(), pw), torch.bfloat16)
+                    y = gpu.gemv(h, pw, norm_weight=nw, dtype=torch.float16, warps=warps, stages=stages)
+                    _check(y, _ref(xn, pw), torch.float16)
+
+
 def test_dequant_kernel_exact():
     from qalora.kernels import gpu
 
