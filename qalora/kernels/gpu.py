@@ -39,8 +39,8 @@ def _empty(device: torch.device) -> torch.Tensor:
 def default_warps(pw: PreparedWeight) -> int:
     """Warps per 16-row tile, each taking a slice of K: 8 when the weight has few tiles (o, down
     of LLaMA-7B: 256 tiles), 4 when it has many (qkv 768, gate_up 1376), so that either way the
-    SMs hold enough warps; never more than one per 256-column step. Measured best at M <= 8 on
-    an H100 (benchmarks/kernel_sweep.py)."""
+    SMs hold enough warps; never more than one per 256-column step. The best choice at M=1 on an
+    H100 (benchmarks/kernel_sweep.py); at M=8 qkv would rather have 8 (33.7 vs 38.0 us)."""
     tiles, steps = pw.tiles.shape[0], pw.tiles.shape[1]
     return max(1, min(MAX_WARPS if tiles < MANY_TILES else 4, steps))
 
