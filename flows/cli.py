@@ -73,6 +73,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cron_expression(value: str) -> str:
+    """argparse type: a cron string Prefect accepts, checked before anything is served."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=value)
+    except ValueError as e:  # pydantic's ValidationError: keep its one-line reason
+        reason = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+        raise argparse.ArgumentTypeError(f"invalid cron expression {value!r}: {reason} (five fields: minute hour "
+                                         "day-of-month month day-of-week, e.g. '0 3 * * 1')") from None
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     orchestration_env()
     from flows.pipeline import qalora_pipeline
@@ -116,6 +129,6 @@ def add_cli(sub) -> None:
 
     s = sub.add_parser("serve", help="serve the pipeline on a cron schedule (Prefect serve) for scheduled retraining")
     common(s)
-    s.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
+    s.add_argument("--cron", required=True, type=cron_expression, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
     s.add_argument("--name", default="qalora-scheduled", help="deployment name")
     s.set_defaults(func=cmd_serve)

@@ -114,8 +114,7 @@ class EvaluateParams(_Section):
     batch_size: int = Field(8, ge=1)
     perplexity: bool = True
     perplexity_context: int = Field(512, ge=16)
-    perplexity_max_tokens: int = Field(40_000, ge=16)
-
+    perplexity_max_tokens: int | None = Field(40_000, ge=16, description="first N tokens of the held-out text; null = all")
 
     def limits(self) -> dict[str, int | None]:
         """The limit of every requested task."""

@@ -80,3 +80,14 @@ def write_alpaca(path, n: int = 24):
 @pytest.fixture
 def alpaca_file(tmp_path):
     return write_alpaca(tmp_path / "alpaca.json")
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> str:
+    """One real Prefect server (the test harness: a subprocess server on a temp sqlite db) for every flow
+    test; returns its API URL (flows in this process use it, subprocesses get it through the env)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()

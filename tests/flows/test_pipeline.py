@@ -10,14 +10,6 @@ import yaml
 from conftest import tiny_llama, tiny_tokenizer, write_alpaca
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 @pytest.fixture
 def project(tmp_path, state_dir):
     from tasks import dvc_data

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from qalora.config import ParamsError, load_params
@@ -14,6 +16,17 @@ def test_defaults_and_overrides(tmp_path):
 def test_default_yaml_is_valid():
     p = load_params("params/default.yaml")
     assert p.quantize.method == "gptq" and p.model.source.startswith("embedded:")
+
+
+@pytest.mark.parametrize("path", sorted(Path("params").glob("*.yaml")), ids=str)
+def test_every_params_file_is_valid(path):
+    p = load_params(path)
+    assert p.name and all(limit is None or limit >= 1 for limit in p.evaluate.limits().values())
+
+
+def test_full_params_evaluate_everything():
+    e = load_params("params/smollm2-full.yaml").evaluate
+    assert set(e.limits().values()) == {None} and e.perplexity_max_tokens is None
 
 
 @pytest.mark.parametrize("override, message", [

@@ -282,6 +282,21 @@ def test_adapter_path_equals_merged_model(tmp_path, state_dir):
         ev.load_eval_model(fp, adapter=tmp_path / "adapter")
 
 
+@needs_data
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_lowbit_eval_on_cuda_matches_cpu(tmp_path, state_dir):
+    """The same low-bit folder evaluated on CUDA (fp32, batched) gives CPU's answers and perplexity."""
+    folder = save_tiny_base(tmp_path / "int4")
+    kw = dict(tasks="arc_easy,boolq,wiki_ppl", limit=8, data_dir=DATA, ppl_text=_ppl_file(tmp_path), ppl_context=64,
+              batch_size=4, dtype="float32", progress=False)
+    cpu, gpu = ev.evaluate_path(folder, device="cpu", **kw), ev.evaluate_path(folder, device="cuda", **kw)
+    assert cpu["model"]["device"] == "cpu" and gpu["model"]["device"] == "cuda"
+    for task in ("arc_easy", "boolq"):
+        assert gpu["tasks"][task]["n"] == 8 and gpu["tasks"][task]["acc"] == cpu["tasks"][task]["acc"]
+    assert gpu["tasks"]["wiki_ppl"]["perplexity"] == pytest.approx(cpu["tasks"]["wiki_ppl"]["perplexity"], rel=1e-3)
+
+
 def test_lowbit_eval_model_dequantizes_once(tmp_path):
     """Eval caches each frozen layer's dequantized weight and answers exactly as the uncached model."""
     import torch
