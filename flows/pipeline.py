@@ -59,9 +59,6 @@ def build_summary(run_name: str, lineage: dict, stages: dict[str, StageResult], 
             continue
         figures |= {f"{name}.{k}": v for k, v in res.metrics.items()}
     check = read_json(Path(stages["check"].dir) / CHECK_REPORT, "check report")
-    figures["check.passed"] = float(check["passed"])
-    figures["check.logits.max_rel_error"] = check["checks"]["logits"]["max_rel_error"]
-    figures["check.logits.greedy_identical_prompts"] = float(check["checks"]["logits"]["greedy_identical_prompts"])
     figures |= extra.get("figures", {})
     return {
         "run_name": run_name, "figures": figures, "loss_curve": _history(stages["tune"]),

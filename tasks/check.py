@@ -20,10 +20,11 @@ def _write(out: Path, p: Params, base: StageResult, adapter: StageResult, merged
         logits = report["checks"]["logits"]
         write_manifest(tmp, "check", p.check.model_dump(),
                        inputs={"base": base.key, "adapter": adapter.key, "merged": merged.key},
+                       # the gate's figure names (check.passed, check.logits.max_rel_error, ...)
                        extra={"metrics": {"passed": float(report["passed"]),
-                                          "max_rel_error": logits["max_rel_error"],
-                                          "max_abs_error": logits["max_abs_error"],
-                                          "greedy_identical_prompts": float(logits["greedy_identical_prompts"])}})
+                                          "logits.max_rel_error": logits["max_rel_error"],
+                                          "logits.max_abs_error": logits["max_abs_error"],
+                                          "logits.greedy_identical_prompts": float(logits["greedy_identical_prompts"])}})
 
 
 @task(name="check", cache_policy=NONE)

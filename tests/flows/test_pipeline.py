@@ -53,7 +53,8 @@ def test_promote_reject_and_skip(project, prefect_server):
     assert first["passed"] and not first["skipped"] and first["cached"] == []
     assert first["message"].startswith(f"gate: PROMOTED to champion (tiny-qalora v{first['version']})")
     assert (project / "reports" / first["run_name"] / "report.md").is_file()
-    assert first["figures"]["check.passed"] == 1.0
+    assert first["figures"]["check.passed"] == 1.0 and first["figures"]["check.logits.max_rel_error"] <= 1e-3
+    assert not any(k.startswith("check.max_") for k in first["figures"])  # each figure once, under check.logits.*
     assert first["figures"]["benchmark.decode_tok_s.lowbit.b1"] > 0 and "benchmark.decode_speedup.b2" in first["figures"]
     assert "eval.wiki_ppl.perplexity" in first["figures"]
     assert not any(k.startswith("evaluate.") for k in first["figures"])  # each figure once, under eval.*
