@@ -235,10 +235,7 @@ def load_eval_model(
 
     Returns ``(model, tokenizer, info)``; ``info`` is JSON-able (kind, path, dtype, device, quant).
     """
-    try:  # ``embedded:smollm2-135m-instruct`` -> the GGUF of the unpacked sources
-        from qalora.paths import resolve_model
-    except ImportError:  # pragma: no cover
-        resolve_model = str
+    from qalora.paths import resolve_model  # ``embedded:smollm2-135m-instruct`` -> the unpacked GGUF
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
