@@ -83,7 +83,7 @@ def alpaca_file(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def prefect_server() -> str:
+def prefect_server():
     """One real Prefect server (the test harness: a subprocess server on a temp sqlite db) for every flow
     test; returns its API URL (flows in this process use it, subprocesses get it through the env)."""
     from prefect.settings import PREFECT_API_URL

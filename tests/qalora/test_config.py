@@ -18,14 +18,17 @@ def test_default_yaml_is_valid():
     assert p.quantize.method == "gptq" and p.model.source.startswith("embedded:")
 
 
-@pytest.mark.parametrize("path", sorted(Path("params").glob("*.yaml")), ids=str)
+PARAMS = Path(__file__).resolve().parents[2] / "params"
+
+
+@pytest.mark.parametrize("path", sorted(PARAMS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_params_file_is_valid(path):
     p = load_params(path)
     assert p.name and all(limit is None or limit >= 1 for limit in p.evaluate.limits().values())
 
 
 def test_full_params_evaluate_everything():
-    e = load_params("params/smollm2-full.yaml").evaluate
+    e = load_params(PARAMS / "smollm2-full.yaml").evaluate
     assert set(e.limits().values()) == {None} and e.perplexity_max_tokens is None
 
 
