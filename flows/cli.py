@@ -1,4 +1,5 @@
-"""Orchestration subcommands of ``qalora`` (registered by qalora/cli.py): run, data, gate, report, serve."""
+"""Orchestration subcommands of ``qalora`` (registered by qalora/cli.py): run, data, gate, promote, rollback,
+rebuild, report, serve."""
 
 from __future__ import annotations
 
@@ -51,16 +52,44 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_gate(args: argparse.Namespace) -> int:
+def _registry_params(args: argparse.Namespace):
+    """The params (gate rules, registered model) with MLflow pointed at their tracking store."""
     orchestration_env()
     from qalora.config import load_params
     from tasks import mlflow_tracking
 
     p = load_params(args.params, args.set or [])
     mlflow_tracking.configure(p.tracking)
-    decision = mlflow_tracking.regate(p.tracking.registered_model, args.version, p.gate)
+    return p
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Read-only: print the decision ``--version`` would get against the current champion; exit 0 pass, 1 fail."""
+    from tasks import mlflow_tracking
+
+    p = _registry_params(args)
+    decision = mlflow_tracking.gate_version(p.tracking.registered_model, args.version, p.gate)
     print(json.dumps(decision, indent=2, default=str))
     return 0 if decision.get("passed") else 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Move ``champion`` to ``--version`` by hand (gate-checked unless ``--force``), recorded with ``--reason``."""
+    from tasks import mlflow_tracking
+
+    p = _registry_params(args)
+    entry = mlflow_tracking.promote(p.tracking.registered_model, args.version, p.gate, args.reason, force=args.force)
+    print(json.dumps(entry, indent=2, default=str))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Move ``champion`` back to ``previous-champion``, recorded with ``--reason``."""
+    from tasks import mlflow_tracking
+
+    p = _registry_params(args)
+    print(json.dumps(mlflow_tracking.rollback(p.tracking.registered_model, args.reason), indent=2, default=str))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -71,6 +100,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     decision = read_json(args.run / "decision.json", "gate decision")
     print(write_report(args.out or args.run, summary, decision))
     return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    """Re-run a version's quantize, tune and merge from its lineage; exit 0 identical bytes, 1 different."""
+    from tasks import rebuild
+
+    p = _registry_params(args)
+    result = rebuild.rebuild(p.tracking.registered_model, args.version, args.project_dir, args.out,
+                             progress=not args.no_progress)
+    if args.json:
+        from qalora.manifest import write_json_atomic
+
+        write_json_atomic(args.json, result)
+    print("\n".join(rebuild.summary_lines(result)))
+    return 0 if result["identical"] else 1
 
 
 def cron_expression(value: str) -> str:
@@ -87,14 +131,32 @@ def cron_expression(value: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the pipeline on a schedule; without PREFECT_API_URL, on a local Prefect server started here."""
     orchestration_env()
-    from flows.pipeline import qalora_pipeline
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    qalora_pipeline.serve(
-        name=args.name, cron=args.cron,
-        parameters={"params_file": str(args.params), "overrides": args.set or [],
-                    "project_dir": str(Path(args.project_dir).resolve()), "scheduled": True},
-    )
+    from flows.local_server import local_server
+    from flows.pipeline import qalora_pipeline
+    from qalora.paths import state_dir
+
+    def serve() -> None:
+        qalora_pipeline.serve(
+            name=args.name, **({"cron": args.cron} if args.cron else {"interval": args.interval}),
+            parameters={"params_file": str(args.params), "overrides": args.set or [],
+                        "project_dir": str(Path(args.project_dir).resolve()), "scheduled": True},
+            # A run still going when the next is due: the new one is cancelled, never a second copy on the state.
+            limit=1, global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+        )
+
+    if PREFECT_API_URL.value():
+        serve()
+        return 0
+    home = state_dir() / "prefect"
+    with local_server(home, args.port) as url, temporary_settings({PREFECT_API_URL: url}):
+        print(f"qalora serve: local Prefect server (API, scheduler, UI) at {url.removesuffix('/api')}, state in "
+              f"{home}; it stops with serve. Set PREFECT_API_URL to use your own server instead.", flush=True)
+        serve()
     return 0
 
 
@@ -116,19 +178,47 @@ def add_cli(sub) -> None:
     common(d, params=False)
     d.set_defaults(func=cmd_data)
 
-    for name in ("gate", "promote"):
-        g = sub.add_parser(name, help="re-evaluate the promotion gate for a registered model version")
-        g.add_argument("--version", required=True, help="model version in the registry")
-        common(g)
-        g.set_defaults(func=cmd_gate)
+    version_help = "registered model version: N, an alias (champion, challenger, ...) or models:/NAME@ALIAS"
+    g = sub.add_parser("gate", help="read-only: print the gate decision a registered version would get against "
+                                    "the current champion (exit 0 pass, 1 fail); moves nothing")
+    g.add_argument("--version", required=True, help=version_help)
+    common(g)
+    g.set_defaults(func=cmd_gate)
+
+    pr = sub.add_parser("promote", help="make a registered version the champion by hand (it must pass the gate "
+                                        "unless --force); recorded with who, when, why")
+    pr.add_argument("--version", required=True, help=version_help)
+    pr.add_argument("--reason", required=True, help="why (recorded in the version's tags and the audit log)")
+    pr.add_argument("--force", action="store_true", help="promote even though the version fails the gate")
+    common(pr)
+    pr.set_defaults(func=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="move champion back to previous-champion; recorded with who, when, why")
+    rb.add_argument("--reason", help="why (recorded in the version's tags and the audit log)")
+    common(rb)
+    rb.set_defaults(func=cmd_rollback)
+
+    rbd = sub.add_parser("rebuild", help="re-run a registered version's quantize, tune and merge from its recorded "
+                                         "lineage and compare every file's sha256 (exit 0 identical, 1 different)")
+    rbd.add_argument("--version", required=True, help=version_help)
+    rbd.add_argument("--out", type=Path, help="folder for the rebuilt stages (default: new under $QALORA_HOME/rebuild)")
+    rbd.add_argument("--json", type=Path, help="also write the comparison here")
+    rbd.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    common(rbd)
+    rbd.set_defaults(func=cmd_rebuild)
 
     rp = sub.add_parser("report", help="re-render a run's report from its summary.json and decision.json")
     rp.add_argument("--run", type=Path, required=True, help="reports/<run> folder")
     rp.add_argument("--out", type=Path, help="output folder (default: the run folder)")
     rp.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("serve", help="serve the pipeline on a cron schedule (Prefect serve) for scheduled retraining")
+    s = sub.add_parser("serve", help="serve the pipeline on a schedule for retraining (Prefect serve); starts a local "
+                                    "Prefect server with its state under $QALORA_HOME unless PREFECT_API_URL is set")
     common(s)
-    s.add_argument("--cron", required=True, type=cron_expression, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
+    when = s.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", type=cron_expression, help='cron expression in UTC, e.g. "0 3 * * 1" (Mondays 03:00)')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS instead of on a cron")
     s.add_argument("--name", default="qalora-scheduled", help="deployment name")
+    s.add_argument("--port", type=int, help="port of the local Prefect server started when PREFECT_API_URL is "
+                                            "unset (default: a free port)")
     s.set_defaults(func=cmd_serve)

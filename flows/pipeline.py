@@ -7,25 +7,34 @@ Stages pass folder paths and content keys, never tensors; each stage folder is c
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from qalora import numerics
 
-from qalora import gate, report
-from qalora.config import Params, load_params
-from qalora.paths import resolve_path
-from qalora.manifest import code_version, git_state, package_versions, read_json, sha256_bytes
-from tasks import dvc_data, mlflow_tracking
-from tasks.check import REPORT as CHECK_REPORT
-from tasks.check import check_task
-from tasks.merge import merge_task
-from tasks.quantize import quantize_task
-from tasks.stage_cache import StageResult
-from tasks.tune import tune_task
+# Before torch runs (a Prefect worker imports this module first): see qalora/numerics.py.
+numerics.pin()
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+from qalora import gate, report  # noqa: E402
+from qalora.config import Params, load_params  # noqa: E402
+from qalora.paths import resolve_path, state_dir  # noqa: E402
+from qalora.manifest import code_version, git_state, package_versions, read_json, sha256_bytes  # noqa: E402
+from tasks import dvc_data, mlflow_tracking  # noqa: E402
+from tasks.check import REPORT as CHECK_REPORT  # noqa: E402
+from tasks.check import check_task  # noqa: E402
+from tasks.merge import merge_task  # noqa: E402
+from tasks.quantize import quantize_task  # noqa: E402
+from tasks.stage_cache import StageResult  # noqa: E402
+from tasks.tune import tune_task  # noqa: E402
 
 
 def params_hash(p: Params) -> str:
@@ -36,7 +45,7 @@ def lineage_of(p: Params, data_md5: str) -> dict[str, Any]:
     git = git_state()
     return {"git_sha": git["sha"], "git_dirty": git["dirty"], "data_md5": data_md5,
             "params_hash": params_hash(p), "code_version": code_version(), "seed": p.tune.seed,
-            "versions": package_versions()}
+            "versions": package_versions(), "numerics": numerics.describe()}
 
 
 def same_build(lineage: dict[str, Any], champion: dict[str, Any] | None) -> bool:
@@ -97,6 +106,7 @@ def qalora_pipeline(
 ) -> dict[str, Any]:
     """Run the whole pipeline for one params file; returns the decision and the report path."""
     log = get_run_logger()
+    numerics.activate()
     p = load_params(params_file, overrides)
     root = Path(project_dir).resolve()
     data_md5 = dvc_data.verify(root)
@@ -107,11 +117,42 @@ def qalora_pipeline(
         msg = (f"skipped: data ({data_md5}), code and params equal champion v{champion['version']}'s; "
                "nothing to retrain")
         print(msg)
+        create_markdown_artifact(key="qalora-run", description="qalora run skipped", markdown=f"**{msg}**\n")
         return {"skipped": True, "message": msg, "champion": champion["version"]}
 
+    with state_lock():
+        return _train_and_gate(p, root, data_md5, lineage, champion, log)
+
+
+@contextlib.contextmanager
+def state_lock() -> Iterator[None]:
+    """One training run at a time on a state dir: a second one (a scheduled run still going when the next
+    is due, or a manual `qalora run` meanwhile) fails at once, touching nothing, instead of racing."""
+    path = state_dir() / "pipeline.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(f"another pipeline run is training on {state_dir()} ({f.read().strip() or 'holder unknown'}); "
+                               "this run stops without touching it") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
+def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any], champion: dict[str, Any] | None,
+                    log) -> dict[str, Any]:
     run_name = f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = {k: resolve_path(getattr(p.data, k), root) for k in ("train", "calibration", "heldout", "eval_dir")}
     with mlflow_tracking.pipeline_run(p.tracking, run_name, p, lineage) as run:
+        run.log_dict(p.model_dump(mode="json"), "lineage/params.json")  # what `qalora rebuild` re-runs
+        run.log_dict(lineage, "lineage/lineage.json")
         for name, ctx in (("train", "training"), ("calibration", "calibration"), ("heldout", "evaluation"),
                           ("eval_dir", "evaluation")):
             run.log_dataset(name, str(paths[name]), data_md5, ctx)

@@ -5,8 +5,8 @@
 3. logits     merged vs unmerged (base + adapter) logits in fp32: max relative L2 error <= rel_tol,
               greedy continuations token-identical
 4. deploy     the deploy path of every merged layer (qalora.kernels) in fp32 and bf16 vs an fp64
-              dequant matmul, within each dtype's rounding bound (D_in * eps, the classic
-              dot-product bound)
+              dequant matmul plus the layer's bias, within each dtype's rounding bound
+              (D_in * eps * |x||W|, the classic dot-product bound, + eps * (|bias| + |y|))
 5. roundtrip  save -> reload of the merged model reproduces every tensor byte for byte
 """
 
@@ -50,11 +50,25 @@ def _check_tensors(base_dir: Path, merged_dir: Path) -> tuple[dict[str, Any], di
     return codes, scales
 
 
+def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """Token ids [1, T] of the Alpaca-wrapped check ``prompt``; T >= 1 or ValueError.
+
+    A tokenizer that drops every character it lacks (no unk token, no byte fallback) can return no
+    ids at all, and the models cannot run on T = 0 ("cannot reshape tensor of 0 elements").
+    """
+    ids = tokenizer(alpaca_prompt(prompt), return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        source = getattr(tokenizer, "name_or_path", "") or "not loaded from a folder"
+        raise ValueError(f"check prompt {prompt!r} tokenizes to zero tokens with the tokenizer "
+                         f"{type(tokenizer).__name__} ({source}): set check.prompts to text it can encode")
+    return ids
+
+
 @torch.no_grad()
 def _check_logits(unmerged, merged, tokenizer, p: CheckParams) -> dict[str, Any]:
     rel, max_abs, agree, compared = 0.0, 0.0, 0, 0
-    for prompt in p.prompts:
-        ids = tokenizer(alpaca_prompt(prompt), return_tensors="pt").input_ids
+    encoded = [_prompt_ids(tokenizer, prompt) for prompt in p.prompts]  # every prompt, before any forward
+    for ids in encoded:
         ref = unmerged(ids).logits.double()
         out = merged(ids).logits.double()
         rel = max(rel, ((out - ref).norm() / ref.norm()).item())
@@ -69,6 +83,27 @@ def _check_logits(unmerged, merged, tokenizer, p: CheckParams) -> dict[str, Any]
         "max_rel_error": rel, "rel_tol": p.rel_tol, "max_abs_error": max_abs,
         "greedy_identical_prompts": agree, "prompts": len(p.prompts), "greedy_tokens_compared": compared,
     }
+
+
+def _deploy_bound(scale: torch.Tensor, bias: torch.Tensor, ref: torch.Tensor, d_in: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Largest error a correct deploy path in ``dtype`` may have, per output [rows, D_out] (fp64).
+
+    ``scale`` = |x| |W|^T [rows, D_out], ``bias`` [D_out] (zeros for none), ``ref`` = x W^T + bias in
+    fp64 [rows, D_out]. With u = eps/2 the unit roundoff of ``dtype``, the computed output is
+    fl(fl(x W^T) + fl(bias)), each step rounding once:
+      - rounding x and W to ``dtype`` and the D_in-term dot product: |error| <= (D_in + 2) u |x||W|
+        to first order in u (the classic gamma_n bound), plus u |x W^T| <= u |x||W| for rounding
+        the dot product before the bias is added; D_in * eps = 2 D_in u covers all three for
+        D_in >= 3 (its slack also absorbs int4pack's rounding of scale and zero point to bf16);
+      - rounding the bias to ``dtype``: u |bias|;
+      - rounding the sum (the output) to ``dtype``: u |y| (= u |ref| to first order).
+    So |out - ref| <= D_in eps |x||W| + eps |bias| + eps |ref|, the last two with a factor 2 to
+    spare. The bias terms matter where a bias of tens (Qwen2 k_proj) dominates |y| while |x||W| is
+    small. The 1e-30 keeps the ratio finite where every term is zero.
+    """
+    eps = torch.finfo(dtype).eps
+    return scale * d_in * eps + eps * bias.abs() + eps * ref.abs() + 1e-30
 
 
 @torch.no_grad()
@@ -88,14 +123,15 @@ def _check_deploy(merged, dtypes: tuple[torch.dtype, ...] = (torch.float32, torc
     for name, layer in lowbit_layers(merged).items():
         x = torch.randn(rows, layer.in_features, generator=g, dtype=torch.float64)
         w = layer.dequantized_weight().double()
-        ref = x @ w.t()
-        scale = x.abs() @ w.abs().t()  # |x| |W|: the magnitude the rounding bound scales with
+        # The deploy path adds the layer's bias (Qwen2 k_proj: biases of tens), so the reference does too.
+        bias = torch.zeros(layer.out_features, dtype=torch.float64) if layer.bias is None else layer.bias.double()
+        ref = x @ w.t() + bias
+        scale = x.abs() @ w.abs().t()  # |x| |W|: the magnitude the dot-product rounding scales with
         deploy = PreparedLowBitLinear.from_layer(layer)
         backends.add(deploy.backend)
         for dtype in dtypes:
             out = deploy(x.to(dtype)).double()
-            bound = scale * layer.in_features * torch.finfo(dtype).eps + 1e-30
-            err = ((out - ref).abs() / bound).max().item()
+            err = ((out - ref).abs() / _deploy_bound(scale, bias, ref, layer.in_features, dtype)).max().item()
             worst = by_dtype.setdefault(str(dtype).removeprefix("torch."), {"max_error_over_bound": 0.0,
                                                                             "worst_layer": None})
             if err > worst["max_error_over_bound"]:

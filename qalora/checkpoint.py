@@ -76,7 +76,7 @@ def save_lowbit_model(
     if not specs:
         raise ValueError("model has no LowBitLinear layers: quantize it first")
     tensors, tied = unique_state_dict(model)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, stage) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -15,10 +15,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qalora import numerics
+
 # No hub access and no telemetry at run time, unless the user explicitly set these.
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "true",
                "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
+# Before torch runs: the numeric mode decides which kernels every library picks (qalora/numerics.py).
+# A bad QALORA_NUMERICS is reported by main(), as one line.
+try:
+    numerics.pin()
+except ValueError:
+    pass
 
 
 def _params(args: argparse.Namespace, flag_keys: dict[str, str]):
@@ -167,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        numerics.activate()
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as e:
         if os.environ.get("QALORA_DEBUG"):

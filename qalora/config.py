@@ -75,7 +75,11 @@ class TuneParams(_Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU (exact)")
+    dequant_cache: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep each frozen layer's dequantized weight resident: auto = on CPU, "
+                            "off on CUDA (dequantize per call, the base stays low-bit on the GPU)")
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     save_every: int = Field(10, ge=1, description="checkpoint every N steps (resumable)")
@@ -128,6 +132,14 @@ class GateParams(_Section):
     max_logit_rel_error: float = Field(1e-3, gt=0)
     min_decode_speedup: float | None = Field(None, gt=0, description="low-bit vs fp16/fp32 decode tok/s at batch 1, same run; null = no rule")
     metric_tolerance: float = Field(0.02, ge=0, description="allowed drop vs the champion on each eval metric")
+    # The aggregates the no-regression rule compares. Per-subject MMLU slices (a few questions each at
+    # CPU-sized limits) are noise: one question flips 50% of a 2-question subject, so gating on them
+    # rejects good models at random. They stay run metrics and in eval.json.
+    regression_tasks: list[str] = Field(
+        default_factory=lambda: ["mmlu", "mmlu_humanities", "mmlu_other", "mmlu_social_sciences", "mmlu_stem",
+                                 "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq",
+                                 "openbookqa", "wiki_ppl"],
+        description="tasks/groups (fnmatch patterns) whose eval metrics must not regress vs the champion")
     floors: dict[str, float] = Field(default_factory=dict, description="metric -> minimum, e.g. eval.arc_easy.acc: 0.3")
     max_perplexity: float | None = Field(None, gt=0)
 

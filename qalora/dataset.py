@@ -37,7 +37,7 @@ def build_data(out: str | Path) -> dict[str, dict[str, str]]:
     for sub in EVAL_SUBDIRS:
         if not (eval_root / sub).is_dir():
             raise FileNotFoundError(f"{eval_root / sub} is missing from the unpacked sources; run `make sources`")
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, "data", marker="SOURCES.json") as tmp:
         files: dict[str, dict[str, str]] = {}
         for dest, src in copies.items():
             (tmp / dest).parent.mkdir(parents=True, exist_ok=True)

@@ -6,18 +6,23 @@ its rule with a message naming the figure (a stage that did not run proves nothi
 ``bit_exact``                    ``check.passed == 1`` (when ``gate.require_bit_exact``)
 ``logit_error``                  ``check.logits.max_rel_error <= gate.max_logit_rel_error``
 ``decode_speedup``               ``benchmark.decode_speedup.b1 >= gate.min_decode_speedup`` (when set)
-``no_regression.<metric>``       every eval metric present in both the run and the champion:
+``no_regression.<metric>``       every eval metric of a ``gate.regression_tasks`` task or group (the
+                                 aggregates: MMLU overall and its 4 subject groups, each commonsense
+                                 task, wiki perplexity) present in both the run and the champion:
                                  higher-is-better (acc, acc_norm, ...) >= champion - metric_tolerance,
                                  lower-is-better (perplexity, ...) <= champion * (1 + metric_tolerance);
-                                 a single passing ``no_regression`` rule when there is no champion
+                                 a single passing ``no_regression`` rule when there is no champion.
+                                 Per-subject MMLU figures are not gated (a 2-question slice moves in
+                                 steps of 50%); they stay in the run's metrics and eval.json.
 ``floor.<metric>``               ``figure >= gate.floors[metric]``
 ``max_perplexity.<metric>``      every ``eval.*perplexity*`` figure <= ``gate.max_perplexity`` (when set)
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from qalora.config import GateParams
@@ -35,7 +40,7 @@ def metric_direction(name: str) -> str | None:
     """``"higher"`` / ``"lower"`` is better for an ``eval.*`` figure; None if it is not a quality metric.
 
     The last dotted component decides (lm-eval's ``acc,none`` filter suffix is ignored), so
-    ``eval.arc_easy.acc`` is higher-is-better, ``eval.wiki.perplexity`` lower-is-better, and
+    ``eval.arc_easy.acc`` is higher-is-better, ``eval.wiki_ppl.perplexity`` lower-is-better, and
     ``eval.arc_easy.acc_stderr``, ``eval.wiki_ppl.nll`` (perplexity says it) or ``eval.mmlu.n`` are not compared.
     """
     if not name.startswith("eval."):
@@ -48,6 +53,21 @@ def metric_direction(name: str) -> str | None:
     if leaf in _HIGHER or leaf.startswith("exact_match_"):  # lm-eval filters: exact_match_strict-match
         return "higher"
     return None
+
+
+def metric_task(name: str) -> str | None:
+    """The task or group an ``eval.<task>.<metric>`` figure belongs to (``eval.mmlu_stem.acc`` -> ``mmlu_stem``)."""
+    if not name.startswith("eval.") or name.count(".") < 2:
+        return None
+    return name[len("eval."):].rsplit(".", 1)[0]
+
+
+def is_gated(name: str, tasks: Iterable[str]) -> bool:
+    """Whether the no-regression rule compares figure ``name``: a quality metric of a task or group
+    matching one of ``tasks`` (``gate.regression_tasks``, fnmatch patterns such as ``mmlu_*``)."""
+    task = metric_task(name)
+    return (task is not None and metric_direction(name) is not None
+            and any(fnmatch.fnmatchcase(task, pattern) for pattern in tasks))
 
 
 def _number(figures: Mapping[str, Any] | None, key: str) -> float | None:
@@ -116,11 +136,11 @@ def _no_regression(figures: Mapping[str, Any], champion: Mapping[str, Any] | Non
     if champion is None:
         return [_rule("no_regression", True, None, None, "no champion yet")]
     tol = p.metric_tolerance
-    ours = {k for k in figures if metric_direction(k) and _number(figures, k) is not None}
-    theirs = {k for k in champion if metric_direction(k) and _number(champion, k) is not None}
+    ours = {k for k in figures if is_gated(k, p.regression_tasks) and _number(figures, k) is not None}
+    theirs = {k for k in champion if is_gated(k, p.regression_tasks) and _number(champion, k) is not None}
     common = sorted(ours & theirs)
     if not common:
-        msg = "no eval metric in common with the champion"
+        msg = "no gated eval metric (gate.regression_tasks) in common with the champion"
         if theirs:
             msg += f" (champion has {', '.join(sorted(theirs)[:6])}{'...' if len(theirs) > 6 else ''})"
         return [_rule("no_regression", True, None, None, msg)]

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from qalora import numerics
+
 MANIFEST = "manifest.json"
 _PACKAGES = ("qalora", "torch", "transformers", "safetensors", "gptqmodel", "gguf", "numpy")
 
@@ -93,19 +95,76 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
 
 
+def _existing_output(out: Path, stage: str, marker: str) -> tuple[bool, str]:
+    """What is at the existing path ``out``: (whether it is an earlier output of ``stage``, a phrase
+    saying what is there, for error messages)."""
+    if out.is_symlink():
+        return False, f"a symlink to {os.readlink(out)}"
+    if not out.is_dir():
+        return False, "a file" if out.is_file() else "neither a file nor a folder"
+    entries = sorted(p.name for p in out.iterdir())
+    if marker != MANIFEST and (out / marker).is_file():
+        return True, f"an earlier {stage!r} output (it holds {marker})"
+    if marker == MANIFEST and (out / MANIFEST).is_file():
+        try:
+            found = json.loads((out / MANIFEST).read_text()).get("stage")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            found = None
+        if isinstance(found, str):
+            return found == stage, f"the output of stage {found!r} (its {MANIFEST} says \"stage\": {found!r})"
+    listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    return False, f"a folder holding {listed or 'nothing'} (no {marker} of a {stage!r} output)"
+
+
+def check_output_path(out: str | os.PathLike, stage: str, *, marker: str = MANIFEST,
+                      overwrite: bool = True) -> bool:
+    """Refuse to write stage ``stage`` at ``out`` where that would destroy anything it does not own.
+
+    ``out`` is a valid output when it does not exist, is an empty folder (nothing to lose), or,
+    with ``overwrite``, holds a complete earlier output of the same stage: a folder whose
+    ``manifest.json`` says ``"stage": stage`` or, for the stages that write no manifest (data,
+    report, tune checkpoints), a folder holding their ``marker`` file. Re-running a stage onto its
+    own output replaces it, which the content-addressed stage cache and re-run commands rely on; a
+    user's file or folder, or another stage's output, is never replaced. Stage folders are renamed
+    into place only when complete, so a folder with the stage's manifest is a complete output.
+
+    Returns whether ``out`` exists (and so will be replaced). Raises FileExistsError naming ``out``,
+    what is there and what would be valid.
+    """
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return False
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return True
+    own, what = _existing_output(out, stage, marker)
+    if own and overwrite:
+        return True
+    valid = "a path that does not exist or an empty folder" + (
+        f", or an earlier {stage!r} output to replace" if overwrite
+        else f" (overwrite is off: not even an earlier {stage!r} output)")
+    raise FileExistsError(f"refusing to write the {stage!r} output to {out}: it is {what}, "
+                          f"which would be destroyed. Valid: {valid}")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temp folder next to ``out``; on success it replaces ``out`` in one rename."""
+def atomic_output_dir(out: str | os.PathLike, stage: str, *, marker: str = MANIFEST,
+                      overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp folder next to ``out``; on success it replaces ``out`` in one rename.
+
+    ``stage`` names the stage writing ``out`` (its manifest's ``"stage"``); what may be replaced is
+    decided by :func:`check_output_path`, before the work (fail fast) and again just before the
+    rename (the path may have been filled meanwhile). ``marker``: see there.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite to replace it")
+    check_output_path(out, stage, marker=marker, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+        if check_output_path(out, stage, marker=marker, overwrite=overwrite):
+            # A fresh empty name, so a leftover from a crashed run (same pid in a container) cannot block.
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old)  # a folder may replace an empty folder
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -139,7 +198,7 @@ def write_manifest(
         "outputs": dict(outputs),
         "code": git_state(),
         "versions": package_versions(),
-        "torch_threads": torch.get_num_threads(),
+        "numerics": numerics.describe(),
         **(dict(extra) if extra else {}),
     }
     write_json_atomic(folder / MANIFEST, manifest)

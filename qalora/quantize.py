@@ -110,9 +110,10 @@ def quantize_to_folder(
 
     from qalora.checkpoint import save_lowbit_model
     from qalora.data import calibration_windows, load_texts
-    from qalora.manifest import sha256_file
+    from qalora.manifest import check_output_path, sha256_file
     from qalora.model_io import load_base_model
 
+    check_output_path(out, "quantize")  # refuse a bad --out now, not after calibration
     model, tokenizer = load_base_model(source, trust_remote_code=trust_remote_code)
     check_targets(model, params.targets, params.group_size)  # fail fast, before calibration
     inputs: dict = {"model": {"path": str(source),

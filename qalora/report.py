@@ -316,7 +316,7 @@ def write_report(folder: str | Path, summary: Mapping[str, Any], decision: Mappi
     decision = decision or {}
     run_name = summary.get("run_name") or "run"
     figures = summary.get("figures") or {}
-    with atomic_output_dir(folder) as tmp:
+    with atomic_output_dir(folder, "report", marker=REPORT_MD) as tmp:
         tmp.chmod(0o755)  # mkdtemp makes it private; a report is for reading
         made = {
             "loss": plot_loss(tmp / PLOTS["loss"], summary.get("loss_curve") or []),

@@ -23,7 +23,10 @@ from qalora.adapter import QALoRALinear, adapter_config, adapter_layers, apply_q
 from qalora.checkpoint import load_lowbit_model, model_identity
 from qalora.config import TuneParams
 from qalora.data import collate, load_alpaca, tokenize_alpaca
-from qalora.manifest import atomic_output_dir, read_json, sha256_bytes, sha256_file, write_json_atomic, write_manifest
+from qalora.lowbit import cache_dequantized_for
+from qalora.manifest import (
+    atomic_output_dir, check_output_path, read_json, sha256_bytes, sha256_file, write_json_atomic, write_manifest,
+)
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -66,10 +69,28 @@ def _resolve_device(p: TuneParams) -> torch.device:
     return torch.device(p.device)
 
 
+def resolve_dtype(p: TuneParams, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA (autocast, frozen float tensors stored in bf16), fp32 elsewhere
+    (the exact CPU path)."""
+    if p.dtype == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p.dtype
+
+
+def set_dequant_cache(model: torch.nn.Module, device: torch.device, mode: str = "auto") -> bool:
+    """Cache (or not) every adapted layer's dequantized frozen weight, as
+    :func:`qalora.lowbit.cache_dequantized_for` decides for ``device``; returns the choice."""
+    cache = cache_dequantized_for(device, mode)
+    for layer in adapter_layers(model).values():
+        layer.base.cache_dequantized = cache
+        layer.base.invalidate_cache()
+    return cache
+
+
 # --- checkpoints: adapter + AdamW state + RNG, all safetensors/JSON (no pickle) ---------------
 
 def _save_checkpoint(folder: Path, model, optimizer, step: int, fingerprint: str, history: list) -> None:
-    with atomic_output_dir(folder / f"step-{step:06d}") as tmp:
+    with atomic_output_dir(folder / f"step-{step:06d}", "tune-checkpoint", marker="trainer_state.json") as tmp:
         params = [p for layer in adapter_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
         index = {id(p): i for i, p in enumerate(params)}
         state = optimizer.state_dict()
@@ -137,9 +158,11 @@ def tune(
     ``params.save_every`` steps and a re-run resumes from the latest. Returns the manifest.
     """
     out_dir = Path(out_dir)
+    check_output_path(out_dir, "tune")  # refuse a bad --out now, not after the whole tune
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out_dir.with_name(out_dir.name + ".checkpoints")
     device = _resolve_device(params)
-    model, tokenizer, _ = load_lowbit_model(base_dir)
+    dtype = resolve_dtype(params, device)
+    model, tokenizer, _ = load_lowbit_model(base_dir, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     if tokenizer is None:
         raise ValueError(f"{base_dir} has no tokenizer files: tuning needs one to tokenize {data_path}")
     base_id = model_identity(base_dir)
@@ -150,8 +173,7 @@ def tune(
 
     torch.manual_seed(params.seed)
     apply_qalora(model, params.rank, params.alpha, params.dropout, params.targets)
-    for layer in adapter_layers(model).values():
-        layer.base.cache_dequantized = True  # frozen base: dequantize once, not every step
+    dequant_cache = set_dequant_cache(model, device, params.dequant_cache)
     model.to(device)
     model.config.use_cache = False
     if params.gradient_checkpointing:
@@ -166,7 +188,7 @@ def tune(
         start, history = _load_checkpoint(latest, model, optimizer, fingerprint)
     order = DataOrder(len(examples), params.micro_batch_size, params.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=params.dtype == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     bar = tqdm(range(start, params.steps), desc="QA-LoRA tune", initial=start, total=params.steps,
                disable=not progress)
@@ -204,7 +226,7 @@ def tune(
         "train_seconds": sum(h["seconds"] for h in history), "steps": float(params.steps),
         "trainable_params": float(sum(p.numel() for p in trainable)),
     }
-    with atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir, "tune") as tmp:
         save_adapter_files(model, tmp, adapter_config(model, base_id, dropout=params.dropout,
                                                         targets=params.targets))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -212,7 +234,8 @@ def tune(
             tmp, "tune", params.model_dump(),
             inputs={"base": {"path": str(base_dir), "sha256": base_id},
                     "data": {"path": str(data_path), "sha256": data_sha}},
-            extra={"metrics": metrics, "resumed_from_step": start},
+            extra={"metrics": metrics, "resumed_from_step": start,
+                   "compute": {"device": device.type, "dtype": dtype, "dequant_cache": dequant_cache}},
         )
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return manifest

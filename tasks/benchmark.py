@@ -40,7 +40,7 @@ def _write(out: Path, p: Params, merged: StageResult, device: str) -> None:
     b = p.benchmark
     result = benchmark_stage(merged.dir, batches=b.batch_sizes, prefills=b.prefill_lengths, steps=b.decode_tokens,
                              device=device, dtype="fp16")
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, "benchmark") as tmp:
         write_json_atomic(tmp / RESULT, result)
         write_manifest(tmp, "benchmark", b.model_dump(), inputs={"merged": merged.key},
                        extra={"metrics": bench_figures(result), "device": device})

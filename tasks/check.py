@@ -15,7 +15,7 @@ REPORT = "check.json"
 
 def _write(out: Path, p: Params, base: StageResult, adapter: StageResult, merged: StageResult) -> None:
     report = check_merge(base.dir, adapter.dir, merged.dir, p.check)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, "check") as tmp:
         write_json_atomic(tmp / REPORT, report)
         logits = report["checks"]["logits"]
         write_manifest(tmp, "check", p.check.model_dump(),

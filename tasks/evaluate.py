@@ -16,7 +16,7 @@ RESULT = "eval.json"
 def _write(out: Path, p: Params, merged: StageResult, eval_dir: Path, heldout: Path) -> None:
     e = p.evaluate
     tasks = list(e.tasks) + (["wiki_ppl"] if e.perplexity else [])
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, "evaluate") as tmp:
         result = evaluate_path(merged.dir, tasks, json_out=tmp / RESULT, data_dir=eval_dir, ppl_text=heldout,
                                num_fewshot=e.num_fewshot, limit=e.limits(), batch_size=e.batch_size,
                                ppl_context=e.perplexity_context, ppl_max_tokens=e.perplexity_max_tokens)

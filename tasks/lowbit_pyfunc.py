@@ -14,6 +14,10 @@ Params: ``max_new_tokens`` (default 32), ``prompt_format`` ``"alpaca"`` (default
 template the adapter was tuned with) or ``"raw"``. ``model_config`` (set when logging):
 ``device`` ``"cpu"`` (default) / ``"cuda"`` / ``"auto"``.
 
+``identity`` (on the unwrapped model: ``load_model(uri).unwrap_python_model().identity``) is
+``{"weights_sha256"}`` of the ``model.safetensors`` actually loaded: compare it with the registry's
+``weights_sha256`` version tag to check which version an alias serves.
+
 The module imports nothing heavy at import time: MLflow executes it when logging the model.
 """
 
@@ -64,12 +68,15 @@ class LowBitTextModel(PythonModel):
         import torch
 
         from qalora.checkpoint import load_lowbit_model
+        from qalora.manifest import sha256_file
 
         config = getattr(context, "model_config", None) or {}
         device = config.get("device", "cpu")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         folder = context.artifacts[ARTIFACT_KEY]
+        # Hash the file that is served (not a recorded value), so a wrong artifact cannot pass for the right one.
+        self.identity = {"weights_sha256": sha256_file(f"{folder}/model.safetensors")}
         self.model, self.tokenizer, self.quant = load_lowbit_model(folder, dtype=torch.float32, device=device)
         if self.tokenizer is None:
             raise ValueError(f"{folder} has no tokenizer: the low-bit folder must be self-contained to serve text")

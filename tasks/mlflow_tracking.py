@@ -1,33 +1,53 @@
-"""MLflow tracking and the model registry gate for the qalora pipeline.
+"""MLflow tracking and the model registry for the qalora pipeline.
 
 * ``configure``         tracking + registry URI (default: sqlite under ``$QALORA_HOME/mlflow``), experiment.
 * ``pipeline_run``      one parent run per pipeline run: every param (dotted keys), lineage tags, one nested
                         run per stage (metrics also on the parent as ``<stage>.<metric>``), DVC-pinned
                         dataset inputs, artifacts; ends FAILED on an exception.
 * ``register_and_gate`` logs the merged low-bit folder as a pyfunc model ("models from code",
-                        tasks/lowbit_pyfunc.py), registers a version, aliases it ``challenger``, tags it
-                        with every figure, the lineage and every gate rule, and moves ``champion`` to it
-                        when the gate passed (the old champion keeps the ``previous-champion`` alias).
+                        tasks/lowbit_pyfunc.py), registers a version, aliases it ``challenger``, tags it with
+                        the decision, the failed rules and the lineage, and moves ``champion`` to it when the
+                        gate passed: the pipeline's automatic promotion.
 * ``champion``          the current ``@champion`` version's figures and lineage (None when none).
-* ``regate``            re-evaluate the gate for a registered version against the current champion.
+* ``gate_version``      read-only: the decision a version would get against the current champion.
+* ``promote``           the one manual way to move ``champion`` (refuses a failing version unless forced).
+* ``rollback``          ``champion`` back to ``previous-champion``.
+* ``audit_log``         every champion move, oldest first.
 
 Everything goes through ``MlflowClient`` with explicit run ids (no fluent active-run stack), so it is
 safe from Prefect worker threads; one lock per pipeline run serialises writes to the sqlite store.
 Call ``configure`` first in the process: the registry functions use the URI it sets.
 
-Version tags written by ``register_and_gate`` (the contract ``champion``/``regate`` read back):
-``figure.<name>`` (repr of the float), ``lineage`` (JSON) and ``lineage.<key>``, ``decision``
-(promoted/rejected), ``gate.passed``, ``gate.failed`` (comma list), ``gate.rule.<rule>``
-("pass"/"FAIL value=... threshold=...: message"), ``previous_champion``; a superseded champion gets
-``superseded_by`` and ``champion_until``.
+Aliases: ``challenger`` = the latest registered version; ``champion`` = the one that serves;
+``previous-champion`` = the champion it replaced, i.e. what ``rollback`` restores (a rollback removes it).
+
+Version tags (the contract ``champion``/``gate_version`` read back): ``lineage`` (JSON) and
+``lineage.<key>`` per scalar, ``weights_sha256`` (of the served ``model.safetensors``), ``decision``
+(promoted/rejected), ``decided_at``, ``gate.passed``, ``gate.failed`` (comma list), ``gate.rules``
+("12/14 passed"), ``gate.against`` (the champion compared with), ``gate.rule.<rule>`` for each *failed*
+rule ("FAIL value=... threshold=...: message"). Each champion move adds ``promoted_at``/``_by``/``_via``
+(gate, promote, promote --force, rollback), ``promotion_reason``, ``previous_champion`` (the version it
+replaced); the replaced one gets ``superseded_by``, ``champion_until`` and, on a rollback,
+``rolled_back_at``/``_by``/``_reason``. The figures live on the run (metrics, ``gate/figures.json``),
+every rule in ``gate/decision.json``; versions registered earlier carry ``figure.<name>`` tags instead.
+
+Audit log: one JSON line per champion move (``at``, ``by``, ``action``, ``version``, ``replaced``,
+``reason``, ``run_id``, ``weights_sha256``, ``gate``) in ``registry_audit.jsonl``, an artifact of a
+dedicated run ``registry-audit-<model>`` (tag ``qalora.kind=registry-audit``) in the experiment of the
+first version moved; the registered-model tag ``audit_log`` holds its ``runs:/`` URI. Lines are only
+ever appended; one writer at a time is assumed (a person promoting while a pipeline run promotes
+could lose a line to the race, never rewrite one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import getpass
 import importlib.metadata
 import json
+import os
+import tempfile
 import threading
 import time
 import warnings
@@ -43,12 +63,20 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, 
 
 from qalora import gate
 from qalora.config import GateParams, Params, TrackingParams
+from qalora.manifest import sha256_file
 from qalora.paths import state_dir
 
 CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-champion"
 MODEL_NAME = "model"  # the logged model's name inside the run
 PYFUNC_FILE = Path(__file__).with_name("lowbit_pyfunc.py")
-FIGURE_PREFIX, RULE_PREFIX = "figure.", "gate.rule."
+FIGURE_PREFIX, RULE_PREFIX = "figure.", "gate.rule."  # figure.*: only on versions registered before gate/figures.json
+FIGURES_ARTIFACT = "gate/figures.json"  # on the pipeline run: the figures the gate decided on
+WEIGHTS_TAG = "weights_sha256"  # version tag: sha256 of model.safetensors, the served identity
+AUDIT_FILE, AUDIT_TAG = "registry_audit.jsonl", "audit_log"
+# How a version became champion (tag promoted_via, audit "action").
+GATE, PROMOTE, PROMOTE_FORCED, ROLLBACK = "gate", "promote", "promote --force", "rollback"
+_FORMER_CHAMPION_TAGS = ("superseded_by", "champion_until", "rolled_back_at", "rolled_back_by", "rolled_back_reason",
+                         "promotion_forced")
 _BATCH = 100  # MLflow's limit of params/tags per log_batch call
 _MAX_PARAM = 6000
 _MAX_TAG = 5000
@@ -320,6 +348,14 @@ def _log_model(run_id: str, merged_dir: Path, device: str):
     )
 
 
+class RegistryError(ValueError):
+    """A registry action that cannot be done as asked: unknown version or alias, nothing to roll back, ..."""
+
+
+class PromotionRefused(RegistryError):
+    """``promote`` of a version that fails the gate, without ``force``."""
+
+
 def _alias_version(client: MlflowClient, name: str, alias: str):
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -335,14 +371,104 @@ def _fmt(v: Any) -> str:
     return "None" if v is None else str(v)
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def current_user() -> str:
+    """Who acts: the login name (``getpass``: $LOGNAME/$USER/... or the password database)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError, ImportError):  # no such env var and no passwd entry (some containers)
+        return os.environ.get("USER") or "unknown"
+
+
+def _reason(reason: str | None, required: bool) -> str:
+    """One line of text for tags and the audit log; ``--reason`` may not be blank where it is required."""
+    text = " ".join((reason or "").split())
+    if not text and required:
+        raise RegistryError("--reason is empty: say why (it is recorded in the version's tags and the audit log)")
+    return text or "(no reason given)"
+
+
+def _registry_summary(client: MlflowClient, name: str) -> str:
+    """``versions 1, 2, 3; aliases champion=v2, challenger=v3`` for error messages (raises if no such model)."""
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise RegistryError(f"registered model {name!r} does not exist (tracking.registered_model): "
+                                "no pipeline run has registered a version of it yet") from None
+        raise
+    versions = sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
+    aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(rm.aliases.items())) or "none"
+    return f"versions {', '.join(map(str, versions)) or 'none'}; aliases {aliases}"
+
+
+def _parse_ref(registered_model: str, ref: str | int) -> tuple[str | None, str | None]:
+    """(version, alias) named by ``N``, ``ALIAS``, ``@ALIAS``, ``models:/NAME/N`` or ``models:/NAME@ALIAS``."""
+    text = str(ref).strip()
+    if text.startswith("models:/"):
+        body = text[len("models:/"):]
+        model, sep, alias = body.partition("@")
+        if not sep:
+            model, _, version = body.rpartition("/")
+            alias = None
+        else:
+            version = None
+        if not model or not (alias or version):
+            raise RegistryError(f"--version {text!r} is not a model URI; valid: models:/{registered_model}/N "
+                                f"or models:/{registered_model}@ALIAS")
+        if model != registered_model:
+            raise RegistryError(f"--version {text!r} names registered model {model!r}, but tracking.registered_model "
+                                f"is {registered_model!r} (pass --set tracking.registered_model={model})")
+        return version, alias
+    if text.isdigit():
+        return text, None
+    alias = text.removeprefix("@")
+    if not alias:
+        raise RegistryError(f"--version {text!r} is empty; valid: a version number, an alias or a models:/ URI")
+    return None, alias
+
+
+def resolve_version(client: MlflowClient, registered_model: str, ref: str | int):
+    """The ModelVersion named by ``ref`` (number, alias, ``@alias`` or ``models:/`` URI); RegistryError naming
+    the version or alias and what exists when there is none."""
+    version, alias = _parse_ref(registered_model, ref)
+    if version is not None:
+        try:
+            return client.get_model_version(registered_model, version)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                raise
+            raise RegistryError(f"version {version} of {registered_model!r} does not exist; valid: "
+                                f"{_registry_summary(client, registered_model)}") from None
+    mv = _alias_version(client, registered_model, alias)
+    if mv is None:
+        raise RegistryError(f"alias {alias!r} is not set on {registered_model!r}; valid: "
+                            f"{_registry_summary(client, registered_model)}")
+    return mv
+
+
 def gate_tags(decision: Mapping[str, Any]) -> dict[str, str]:
-    """Tags recording a gate decision: every rule with its value and threshold."""
+    """Tags recording a gate decision: the verdict and each *failed* rule with its value and threshold.
+    Every rule (passed ones too) is in the run's ``gate/decision.json``; tags stay a readable handful."""
+    rules = decision.get("rules") or []
     tags = {"gate.passed": str(bool(decision.get("passed"))).lower(),
-            "gate.failed": ",".join(decision.get("failed") or [])}
-    for r in decision.get("rules") or []:
-        head = "pass" if r.get("passed") else "FAIL"
-        tags[f"{RULE_PREFIX}{r['rule']}"] = _text(
-            f"{head} value={_fmt(r.get('value'))} threshold={_fmt(r.get('threshold'))}: {r.get('message', '')}", _MAX_TAG)
+            "gate.failed": _text(",".join(decision.get("failed") or []), _MAX_TAG),
+            "gate.rules": f"{sum(1 for r in rules if r.get('passed'))}/{len(rules)} passed"}
+    for r in rules:
+        if not r.get("passed"):
+            tags[f"{RULE_PREFIX}{r['rule']}"] = _text(
+                f"FAIL value={_fmt(r.get('value'))} threshold={_fmt(r.get('threshold'))}: {r.get('message', '')}", _MAX_TAG)
+    return tags
+
+
+def version_lineage_tags(lineage: Mapping[str, Any]) -> dict[str, str]:
+    """The lineage on a model version: the whole as JSON in ``lineage``, each scalar as ``lineage.<key>``
+    (nested entries such as package versions only in the JSON and on the run)."""
+    tags = {f"lineage.{k}": _text(v, _MAX_TAG) for k, v in lineage.items() if not isinstance(v, Mapping)}
+    tags["lineage"] = _text(dict(lineage), _MAX_TAG)
     return tags
 
 
@@ -351,62 +477,151 @@ def _set_version_tags(client: MlflowClient, name: str, version: str, tags: Mappi
         client.set_model_version_tag(name, version, k, v)
 
 
-def _clear_rule_tags(client: MlflowClient, name: str, version: str) -> None:
-    """A re-gate replaces the old rules (rule names depend on the metrics compared)."""
+def _write_decision(client: MlflowClient, name: str, version: str, decision: Mapping[str, Any], outcome: str,
+                    against: str | None) -> None:
+    """Record a gate decision on ``version``, replacing the previous one's rule tags (which rules fail
+    depends on the champion compared against)."""
     for stale in [k for k in client.get_model_version(name, version).tags if k.startswith(RULE_PREFIX)]:
         client.delete_model_version_tag(name, version, stale)
+    _set_version_tags(client, name, version, {**gate_tags(decision), "decision": outcome, "decided_at": _now(),
+                                              "gate.against": f"v{against}" if against else "no champion"})
 
 
-def _apply_decision(client: MlflowClient, name: str, version: str, decision: Mapping[str, Any]) -> dict[str, Any]:
-    """Write the gate tags on ``version`` and move ``champion`` to it when the gate passed."""
-    previous = _alias_version(client, name, CHAMPION)
-    prev_version = str(previous.version) if previous is not None else None
-    _clear_rule_tags(client, name, version)
-    tags = gate_tags(decision)
-    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    if decision.get("passed"):
-        if prev_version is not None and prev_version != version:
-            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, prev_version)
-            _set_version_tags(client, name, prev_version, {"superseded_by": version, "champion_until": now})
-        client.set_registered_model_alias(name, CHAMPION, version)
-        outcome = "promoted"
-        tags |= {"previous_champion": prev_version or "", "promoted_at": now}
-    else:
-        outcome = "rejected"
-    tags |= {"decision": outcome, "decided_at": now}
-    _set_version_tags(client, name, version, tags)
-    return {"version": version, "decision": outcome, "previous_champion": prev_version,
-            "champion": version if outcome == "promoted" else prev_version}
+# ----------------------------------------------------------------------------- audit log
+
+def _read_artifact(client: MlflowClient, run_id: str, path: str) -> bytes | None:
+    """A run artifact's bytes, or None when the run has no such file."""
+    folder, _, _ = path.rpartition("/")
+    if path not in {a.path for a in client.list_artifacts(run_id, folder or None)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(run_id, path, tmp)).read_bytes()
+
+
+def _audit_run_id(client: MlflowClient, name: str) -> str | None:
+    uri = client.get_registered_model(name).tags.get(AUDIT_TAG)
+    return uri.removeprefix("runs:/").split("/", 1)[0] if uri else None
+
+
+def _append_audit(client: MlflowClient, name: str, entry: Mapping[str, Any], version_run_id: str | None) -> str:
+    """Append ``entry`` as one JSON line to the model's audit log (created on first use: a run named
+    ``registry-audit-<name>`` in the experiment of ``version_run_id``, found later through the
+    registered-model tag ``audit_log``). Earlier lines are copied byte for byte; the file is only ever
+    extended. Returns the audit run's id."""
+    run_id = _audit_run_id(client, name)
+    if run_id is None:
+        if not version_run_id:
+            raise RegistryError(f"version {entry.get('version')} of {name!r} has no source run: no experiment to "
+                                "hold the audit log run in")
+        experiment_id = client.get_run(version_run_id).info.experiment_id
+        run_id = client.create_run(experiment_id, run_name=f"registry-audit-{name}", tags={
+            "qalora.kind": "registry-audit", "qalora.registered_model": name,
+            "mlflow.note.content": f"Append-only log of every move of {name}@champion ({AUDIT_FILE})."}).info.run_id
+        client.set_terminated(run_id, "FINISHED")
+        client.set_registered_model_tag(name, AUDIT_TAG, f"runs:/{run_id}/{AUDIT_FILE}")
+    old = _read_artifact(client, run_id, AUDIT_FILE) or b""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / AUDIT_FILE
+        path.write_bytes(old + (json.dumps(dict(entry), sort_keys=True) + "\n").encode())
+        client.log_artifact(run_id, str(path))
+    return run_id
+
+
+def audit_log(registered_model: str) -> list[dict[str, Any]]:
+    """Every recorded champion move of ``registered_model``, oldest first ([] before the first)."""
+    client = _client()
+    run_id = _audit_run_id(client, registered_model)
+    raw = _read_artifact(client, run_id, AUDIT_FILE) if run_id else None
+    return [json.loads(line) for line in (raw or b"").decode().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- champion moves
+
+def _move_champion(client: MlflowClient, name: str, version: str, action: str, reason: str,
+                   actor: str | None = None, decision: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Point ``champion`` at ``version`` and record who/when/why/what it replaced (version tags + audit log).
+
+    A promotion keeps the replaced champion as ``previous-champion`` (what ``rollback`` restores); a
+    rollback consumes that alias, so a second rollback cannot silently re-instate the version just
+    rolled back. Aliases move first, then tags, then the audit line: the log records moves that happened."""
+    current = _alias_version(client, name, CHAMPION)
+    replaced = str(current.version) if current is not None else None
+    if replaced == version:
+        raise RegistryError(f"version {version} of {name!r} is already the champion; nothing to move")
+    now, by = _now(), actor or current_user()
+    if action == ROLLBACK:
+        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    elif replaced is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, replaced)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    # Tags of an earlier stint as champion would contradict the alias now (the audit log keeps that history).
+    for stale in set(client.get_model_version(name, version).tags) & set(_FORMER_CHAMPION_TAGS):
+        client.delete_model_version_tag(name, version, stale)
+    _set_version_tags(client, name, version, {"promoted_at": now, "promoted_by": by, "promoted_via": action,
+                                              "promotion_reason": _text(reason, _MAX_TAG),
+                                              "previous_champion": replaced or ""}
+                      | ({"promotion_forced": "true"} if action == PROMOTE_FORCED else {}))
+    if replaced is not None:
+        old = {"superseded_by": version, "champion_until": now}
+        if action == ROLLBACK:
+            old |= {"rolled_back_at": now, "rolled_back_by": by, "rolled_back_reason": _text(reason, _MAX_TAG)}
+        _set_version_tags(client, name, replaced, old)
+    mv = client.get_model_version(name, version)
+    entry: dict[str, Any] = {"at": now, "by": by, "action": action, "registered_model": name, "version": version,
+                             "replaced": replaced, "reason": reason, "run_id": mv.run_id,
+                             "weights_sha256": mv.tags.get(WEIGHTS_TAG)}
+    if decision is not None:
+        entry["gate"] = {"passed": bool(decision.get("passed")), "failed": list(decision.get("failed") or []),
+                         "against": replaced}
+    entry["audit_run_id"] = _append_audit(client, name, entry, mv.run_id)
+    return entry
 
 
 def register_and_gate(run_id: str, merged_dir: Path, registered_model: str, decision: Mapping[str, Any],
                       figures: Mapping[str, float], lineage: Mapping[str, Any]) -> dict[str, Any]:
-    """Log + register the merged low-bit model from run ``run_id`` and apply the gate ``decision``.
+    """Log + register the merged low-bit model from run ``run_id`` and apply the gate ``decision``: the
+    pipeline's automatic promotion (``promoted_via: gate``, recorded in the audit log like any move).
 
-    Returns ``{"version", "decision": "promoted"|"rejected", "previous_champion", "champion", "model_uri"}``:
-    ``previous_champion`` is the champion before this decision, ``champion`` the one after it."""
+    The version's tags hold the decision, the failed rules, the lineage and the weights' sha256; the
+    figures go to the run as ``gate/figures.json`` (what later gate checks read) next to
+    ``gate/decision.json`` (every rule). Returns ``{"version", "decision": "promoted"|"rejected",
+    "previous_champion", "champion", "model_uri"}``: ``previous_champion`` is the champion before this
+    decision, ``champion`` the one after it."""
     client = _client()
     info = log_lowbit_model(run_id, merged_dir)
-    figure_tags = {f"{FIGURE_PREFIX}{k}": _fmt(float(v)) for k, v in figures.items() if _metric_value(v) is not None}
+    client.log_dict(run_id, {k: float(v) for k, v in figures.items() if _metric_value(v) is not None}, FIGURES_ARTIFACT)
     with contextlib.suppress(MlflowException):
         client.create_registered_model(
             registered_model, description="QA-LoRA fine-tuned, merged low-bit LLM (qalora); @champion serves.")
-    mv = mlflow.register_model(info.model_uri, registered_model, tags={**figure_tags, **lineage_tags(lineage)})
+    tags = {**version_lineage_tags(lineage), WEIGHTS_TAG: sha256_file(Path(merged_dir) / "model.safetensors")}
+    mv = mlflow.register_model(info.model_uri, registered_model, tags=tags)
     version = str(mv.version)
     client.set_registered_model_alias(registered_model, CHALLENGER, version)
-    result = _apply_decision(client, registered_model, version, decision)
+    current = _alias_version(client, registered_model, CHAMPION)
+    previous = str(current.version) if current is not None else None
+    outcome = "promoted" if decision.get("passed") else "rejected"
+    _write_decision(client, registered_model, version, decision, outcome, previous)
+    if outcome == "promoted":
+        _move_champion(client, registered_model, version, GATE, f"pipeline run {run_id} passed the gate",
+                       decision=decision)
+    result = {"version": version, "decision": outcome, "previous_champion": previous,
+              "champion": version if outcome == "promoted" else previous}
     client.set_tag(run_id, "qalora.model_version", f"{registered_model}/{version}")
-    client.set_tag(run_id, "qalora.decision", result["decision"])
+    client.set_tag(run_id, "qalora.decision", outcome)
     client.log_dict(run_id, {"decision": dict(decision), "registry": result}, "gate/decision.json")
     return result | {"model_uri": f"models:/{registered_model}/{version}"}
 
 
 def version_figures(client: MlflowClient, mv) -> dict[str, float]:
-    """A version's figures: its ``figure.*`` tags, else its run's metrics."""
+    """A version's figures: its run's ``gate/figures.json``; versions registered before that file existed
+    carry ``figure.*`` tags; else the run's metrics."""
     figures = {k[len(FIGURE_PREFIX):]: float(v) for k, v in mv.tags.items() if k.startswith(FIGURE_PREFIX)}
-    if not figures and mv.run_id:
-        figures = dict(client.get_run(mv.run_id).data.metrics)
-    return figures
+    if figures or not mv.run_id:
+        return figures
+    stored = _read_artifact(client, mv.run_id, FIGURES_ARTIFACT)
+    if stored is not None:
+        return {k: float(v) for k, v in json.loads(stored).items()}
+    return dict(client.get_run(mv.run_id).data.metrics)
 
 
 def _version_lineage(mv) -> dict[str, Any]:
@@ -426,25 +641,67 @@ def champion(registered_model: str) -> dict[str, Any] | None:
             "lineage": _version_lineage(mv)}
 
 
-def regate(registered_model: str, version: str | int, params: GateParams) -> dict[str, Any]:
-    """Re-evaluate the gate for an existing version from its stored figures against the current champion,
-    and apply it (promote on pass). The current champion itself is re-checked against the absolute rules
-    only and keeps its alias either way (``decision: "kept"``); demoting needs an explicit alias move.
+def _gate_check(client: MlflowClient, name: str, mv, params: GateParams) -> dict[str, Any]:
+    """The gate decision for ``mv`` against the current champion (the champion itself: absolute rules only)."""
+    current = _alias_version(client, name, CHAMPION)
+    version, champ = str(mv.version), (str(current.version) if current is not None else None)
+    is_champion = champ == version
+    against = version_figures(client, current) if champ is not None and not is_champion else None
+    decision = gate.decide(version_figures(client, mv), against, params)
+    would = "keep" if is_champion else ("promote" if decision["passed"] else "reject")
+    return {"registered_model": name, "version": version, "champion": champ,
+            "compared_with": None if is_champion else champ, "would": would, **decision}
 
-    Returns the gate decision (``passed``, ``rules``, ``failed``) plus ``version``, ``decision``,
-    ``previous_champion`` and ``champion``."""
+
+def gate_version(registered_model: str, version: str | int, params: GateParams) -> dict[str, Any]:
+    """Read-only: the gate decision ``version`` would get against the current champion, every rule; changes
+    nothing in the registry. ``would`` is ``promote``/``reject``, or ``keep`` for the champion itself (then
+    only the absolute rules apply: it is not compared with itself). Moving ``champion`` is ``promote``'s job.
+
+    Returns the decision (``passed``, ``rules``, ``failed``) plus ``registered_model``, ``version``,
+    ``champion``, ``compared_with`` and ``would``."""
     client = _client()
-    version = str(version)
-    mv = client.get_model_version(registered_model, version)
-    figures = version_figures(client, mv)
-    current = champion(registered_model)
-    is_champion = current is not None and current["version"] == version
-    decision = gate.decide(figures, None if (current is None or is_champion) else current["figures"], params)
-    if is_champion:
-        _clear_rule_tags(client, registered_model, version)
-        _set_version_tags(client, registered_model, version,
-                          {**gate_tags(decision), "regated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-        result = {"version": version, "decision": "kept", "previous_champion": version, "champion": version}
-    else:
-        result = _apply_decision(client, registered_model, version, decision)
-    return {**decision, **result}
+    return _gate_check(client, registered_model, resolve_version(client, registered_model, version), params)
+
+
+def promote(registered_model: str, version: str | int, params: GateParams, reason: str, force: bool = False,
+            actor: str | None = None) -> dict[str, Any]:
+    """Move ``champion`` to ``version`` by hand, after the gate against the current champion; a version that
+    fails it is refused (PromotionRefused naming the failed rules) unless ``force``. ``reason`` is required.
+    The old champion becomes ``previous-champion``. Returns the audit entry plus ``decision`` (the gate's)."""
+    reason = _reason(reason, required=True)
+    client = _client()
+    mv = resolve_version(client, registered_model, version)
+    check = _gate_check(client, registered_model, mv, params)
+    v = check["version"]
+    if check["would"] == "keep":
+        raise RegistryError(f"version {v} of {registered_model!r} is already the champion; nothing to promote "
+                            f"(valid: any other version; {_registry_summary(client, registered_model)})")
+    if not check["passed"] and not force:
+        failed = "; ".join(f"{r['rule']}: {r['message']}" for r in check["rules"] if not r["passed"])
+        raise PromotionRefused(f"refusing to promote {registered_model} v{v}: it fails the gate against "
+                               f"{'champion v' + check['champion'] if check['champion'] else 'the absolute rules'} "
+                               f"({failed}); pass --force (still with --reason) to promote it anyway")
+    forced = not check["passed"]
+    _write_decision(client, registered_model, v, check, "promoted", check["champion"])
+    entry = _move_champion(client, registered_model, v, PROMOTE_FORCED if forced else PROMOTE, reason, actor,
+                           decision=check)
+    return {**entry, "decision": check}
+
+
+def rollback(registered_model: str, reason: str | None = None, actor: str | None = None) -> dict[str, Any]:
+    """Move ``champion`` back to ``previous-champion`` (no gate: it served before) and drop that alias.
+    RegistryError when there is no champion or no previous-champion. Returns the audit entry."""
+    client = _client()
+    current = _alias_version(client, registered_model, CHAMPION)
+    if current is None:
+        raise RegistryError(f"{registered_model!r} has no champion alias: nothing to roll back "
+                            f"({_registry_summary(client, registered_model)})")
+    previous = _alias_version(client, registered_model, PREVIOUS_CHAMPION)
+    if previous is None:
+        raise RegistryError(
+            f"{registered_model!r} has no previous-champion alias to roll back to (champion is v{current.version}; "
+            "an earlier rollback consumed it, or there was only one champion); promote a version explicitly: "
+            "qalora promote --version N --reason '...'")
+    return _move_champion(client, registered_model, str(previous.version), ROLLBACK, _reason(reason, required=False),
+                          actor)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qalora import numerics
 from qalora.manifest import MANIFEST, code_version, read_json, sha256_bytes
 from qalora.paths import state_dir
 
@@ -29,7 +30,8 @@ class StageResult:
 
 
 def stage_key(stage: str, material: dict[str, Any], code_module: str) -> str:
-    blob = json.dumps({"stage": stage, "code": code_version(code_module), **material}, sort_keys=True, default=str)
+    blob = json.dumps({"stage": stage, "code": code_version(code_module), "numerics": numerics.key(), **material},
+                      sort_keys=True, default=str)
     return sha256_bytes(blob.encode())
 
 

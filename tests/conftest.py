@@ -9,6 +9,9 @@ for _k, _v in {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # The suite runs on the CPU's native kernels (whatever ATEN_CPU_CAPABILITY the caller set), so every
+    # assertion must hold on each path; tests of the deterministic mode start processes that pin it.
+    "QALORA_NUMERICS": "native",
 }.items():
     os.environ.setdefault(_k, _v)
 
@@ -78,6 +81,13 @@ def write_alpaca(path, n: int = 24):
 
 
 @pytest.fixture
+def ext_cache(request, monkeypatch):
+    """GPTQModel child processes reuse its C++ pack extension, built once into pytest's cache (~40 s)."""
+    ext = request.config.cache.mkdir("gptqmodel_torch_extensions")
+    monkeypatch.setenv("GPTQMODEL_TORCH_EXTENSIONS_DIR", os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(ext)))
+
+
+@pytest.fixture
 def alpaca_file(tmp_path):
     return write_alpaca(tmp_path / "alpaca.json")
 
@@ -91,3 +101,41 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def project(tmp_path, state_dir):
+    """A git + DVC project with tiny data and params/tiny model for the whole flow (RTN, 2 tune steps)."""
+    import json
+    import subprocess
+
+    import yaml
+
+    from tasks import dvc_data
+
+    root = tmp_path / "project"
+    data = root / "data"
+    for sub in ("train", "calibration", "heldout", "eval"):
+        (data / sub).mkdir(parents=True)
+    write_alpaca(data / "train" / "alpaca_en_demo.json")
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    (data / "calibration" / "c4_demo.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(4)))
+    (data / "heldout" / "wiki_demo.txt").write_text(text * 3)
+    (data / "eval" / "README").write_text("no eval sets in this test: perplexity only\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc_data.track(root)
+    fp = tmp_path / "fp"
+    tiny_llama().save_pretrained(fp)
+    tiny_tokenizer().save_pretrained(fp)
+    params = {
+        "name": "tiny",
+        "model": {"source": str(fp)},
+        "quantize": {"method": "rtn", "bits": 4, "group_size": 32},
+        "tune": {"steps": 2, "lr": 5e-3, "warmup_steps": 0, "save_every": 100},
+        "check": {"prompts": ["hi"], "max_new_tokens": 3},
+        "benchmark": {"batch_sizes": [1, 2], "decode_tokens": 2, "prefill_lengths": [8]},
+        "evaluate": {"tasks": [], "perplexity": True, "perplexity_context": 32, "perplexity_max_tokens": 256},
+        "tracking": {"registered_model": "tiny-qalora"},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root

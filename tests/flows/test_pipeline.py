@@ -2,44 +2,13 @@
 a promotion, a rejection (reusing every cached stage), and a skipped scheduled run."""
 
 import json
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import tiny_llama, tiny_tokenizer, write_alpaca
-
-
-@pytest.fixture
-def project(tmp_path, state_dir):
-    from tasks import dvc_data
-
-    root = tmp_path / "project"
-    data = root / "data"
-    for sub in ("train", "calibration", "heldout", "eval"):
-        (data / sub).mkdir(parents=True)
-    write_alpaca(data / "train" / "alpaca_en_demo.json")
-    text = "The quick brown fox jumps over the lazy dog. " * 40
-    (data / "calibration" / "c4_demo.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(4)))
-    (data / "heldout" / "wiki_demo.txt").write_text(text * 3)
-    (data / "eval" / "README").write_text("no eval sets in this test: perplexity only\n")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    dvc_data.track(root)
-    fp = tmp_path / "fp"
-    tiny_llama().save_pretrained(fp)
-    tiny_tokenizer().save_pretrained(fp)
-    params = {
-        "name": "tiny",
-        "model": {"source": str(fp)},
-        "quantize": {"method": "rtn", "bits": 4, "group_size": 32},
-        "tune": {"steps": 2, "lr": 5e-3, "warmup_steps": 0, "save_every": 100},
-        "check": {"prompts": ["hi"], "max_new_tokens": 3},
-        "benchmark": {"batch_sizes": [1, 2], "decode_tokens": 2, "prefill_lengths": [8]},
-        "evaluate": {"tasks": [], "perplexity": True, "perplexity_context": 32, "perplexity_max_tokens": 256},
-        "tracking": {"registered_model": "tiny-qalora"},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return root
 
 
 def test_promote_reject_and_skip(project, prefect_server):
@@ -87,3 +56,38 @@ def test_refuses_data_not_matching_dvc(project, prefect_server):
     (project / "data" / "train" / "alpaca_en_demo.json").write_text("[]")
     with pytest.raises(DataVersionError, match="does not match data.dvc.*qalora data build"):
         qalora_pipeline(params_file=str(project / "params.yaml"), project_dir=str(project))
+
+
+def test_rebuild_reproduces_the_registered_bytes_and_explains_a_difference(project, prefect_server, state_dir):
+    """`qalora rebuild` re-runs a registered version from its lineage: same process kind -> identical bytes;
+    a process on another CPU code path -> exit 1 naming the first differing file and the numeric fact."""
+    from flows.pipeline import qalora_pipeline
+    from tasks import rebuild
+
+    first = qalora_pipeline(params_file=str(project / "params.yaml"), project_dir=str(project))
+    same = rebuild.rebuild("tiny-qalora", "champion", project, progress=False)
+    assert same["identical"] and same["version"] == str(first["version"]), same["files"]
+    compared = {r["file"] for r in same["files"] if r["compared"]}
+    assert {"quantize/model.safetensors", "tune/adapter.safetensors", "merge/model.safetensors"} <= compared
+    assert same["served_weights_match"]
+
+    # The same version rebuilt on ATen's scalar kernels (the CPU path an old CPU would take): other bytes.
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "qalora"), "rebuild", "--version", f"models:/tiny-qalora/{first['version']}",
+         "--params", str(project / "params.yaml"), "--project-dir", str(project), "--no-progress"],
+        env=os.environ | {"QALORA_HOME": str(state_dir), "QALORA_NUMERICS": "native", "ATEN_CPU_CAPABILITY": "default"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "DIFFERENT: first differing file tune/adapter.safetensors" in proc.stdout, proc.stdout
+    assert "explained by numerics.cpu_capability: recorded" in proc.stdout and "here 'DEFAULT'" in proc.stdout
+
+
+def test_a_second_training_run_on_one_state_dir_is_refused(state_dir):
+    from flows.pipeline import state_lock
+
+    with state_lock():
+        with pytest.raises(RuntimeError, match=r"another pipeline run is training on .* \(pid \d+ since"):
+            with state_lock():
+                pass
+    with state_lock():  # released: the next run proceeds
+        pass

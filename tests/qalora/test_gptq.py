@@ -57,13 +57,6 @@ def gptqmodel(request):
         yield gptqmodel
 
 
-@pytest.fixture
-def ext_cache(request, monkeypatch):
-    """The child GPTQModel process reuses the cached pack extension too."""
-    ext = request.config.cache.mkdir("gptqmodel_torch_extensions")
-    monkeypatch.setenv("GPTQMODEL_TORCH_EXTENSIONS_DIR", os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(ext)))
-
-
 # ---------------------------------------------------------------------------------------------
 # Reader on hand-built packed tensors
 # ---------------------------------------------------------------------------------------------

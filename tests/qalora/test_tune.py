@@ -48,9 +48,12 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 
 def test_loss_decreases(tmp_path):
+    # lr 3e-3 keeps the run in the stable regime: at 1e-2 the loss curve is chaotic after ~15 steps,
+    # and the last-ulp differences between ATen's AVX2 and AVX-512 kernels end it at 0.77x or 0.83x
+    # of the first loss. Here default, avx2 and avx512 give the same curve to 3 decimals (0.706x).
     base = save_tiny_base(tmp_path / "base")
     data = write_alpaca(tmp_path / "a.json", n=8)
-    m = tune(base, data, tmp_path / "ad", TuneParams(steps=25, lr=1e-2, warmup_steps=0, micro_batch_size=8,
+    m = tune(base, data, tmp_path / "ad", TuneParams(steps=40, lr=3e-3, warmup_steps=0, micro_batch_size=8,
                                                       dropout=0.0, save_every=100), progress=False)
     assert m["metrics"]["final_loss"] < 0.8 * m["metrics"]["first_loss"]
 

@@ -1,6 +1,8 @@
 """MLflow tracking + registry gate against a real sqlite store, with tiny low-bit models built in code."""
 
+import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -10,10 +12,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import save_tiny_base
+from qalora.cli import main
 from qalora.checkpoint import load_lowbit_model, load_tensors
 from qalora.config import GateParams, Params, TrackingParams
 from qalora.data import alpaca_prompt
 from qalora.gate import decide
+from qalora.manifest import sha256_file
 from tasks import mlflow_tracking as mt
 
 MD5 = "d41d8cd98f00b204e9800998ecf8427e"
@@ -34,9 +38,9 @@ def home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Two different low-bit model folders (different random weights)."""
+    """Three different low-bit model folders (different random weights)."""
     root = tmp_path_factory.mktemp("lowbit")
-    return {seed: save_tiny_base(root / f"seed{seed}", seed=seed) for seed in (0, 1)}
+    return {seed: save_tiny_base(root / f"seed{seed}", seed=seed) for seed in (0, 1, 2)}
 
 
 def lineage(**kw):
@@ -46,7 +50,7 @@ def lineage(**kw):
 
 def figures(**kw):
     return {"check.passed": 1.0, "check.logits.max_rel_error": 2.5e-7, "merge.max_abs_zero_shift": 0.03,
-            "benchmark.decode_speedup.b1": 1.25, "eval.arc_easy.acc": 0.40, "eval.wiki.perplexity": 30.0} | kw
+            "benchmark.decode_speedup.b1": 1.25, "eval.arc_easy.acc": 0.40, "eval.wiki_ppl.perplexity": 30.0} | kw
 
 
 def run_and_register(name: str, folder: Path, figs: dict, gate=GateParams(), lin=None):
@@ -149,8 +153,15 @@ def test_first_promotion_serves_lowbit_text(home, folders):
     client = MlflowClient()
     mv = client.get_model_version(name, "1")
     assert mv.tags["decision"] == "promoted" and mv.tags["gate.passed"] == "true" and mv.tags["gate.failed"] == ""
-    assert mv.tags["figure.check.logits.max_rel_error"] == "2.5e-07" and mv.tags["lineage.data_md5"] == MD5
-    assert mv.tags["gate.rule.no_regression"] == "pass value=None threshold=None: no champion yet"
+    assert mv.tags["gate.rules"] == "4/4 passed" and mv.tags["gate.against"] == "no champion"
+    assert mv.tags["lineage.data_md5"] == MD5 and json.loads(mv.tags["lineage"]) == lineage()
+    assert mv.tags["weights_sha256"] == sha256_file(folders[0] / "model.safetensors")
+    assert mv.tags["promoted_via"] == "gate" and mv.tags["promotion_reason"] == f"pipeline run {run_id} passed the gate"
+    # Figures live on the run, not as version tags; passing rules only in the decision artifact.
+    assert not [k for k in mv.tags if k.startswith(("figure.", "gate.rule."))]
+    assert mlflow.artifacts.load_dict(f"runs:/{run_id}/gate/figures.json") == figs
+    stored = mlflow.artifacts.load_dict(f"runs:/{run_id}/gate/decision.json")["decision"]
+    assert [r["rule"] for r in stored["rules"]] == ["bit_exact", "logit_error", "decode_speedup", "no_regression"]
     assert client.get_run(run_id).data.tags["qalora.decision"] == "promoted"
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -188,15 +199,16 @@ def test_rejection_then_second_promotion(home, folders):
     assert tags["gate.rule.bit_exact"].startswith("FAIL value=0.0 threshold=1.0: ")
     assert tags["gate.rule.logit_error"].startswith("FAIL value=0.005 threshold=0.001: ")
     assert tags["gate.rule.no_regression.eval.arc_easy.acc"].startswith("FAIL value=0.3 threshold=0.38")
-    assert tags["gate.rule.no_regression.eval.wiki.perplexity"].startswith("pass value=30.0 threshold=30.6")
-    assert {k: v for k, v in tags.items() if k.startswith("figure.")} == {f"figure.{k}": repr(v) for k, v in bad.items()}
+    assert {k for k in tags if k.startswith("gate.rule.")} == {f"gate.rule.{r}" for r in decision["failed"]}
+    assert tags["gate.rules"] == "2/5 passed" and tags["gate.against"] == "v1" and "promoted_via" not in tags
+    assert mlflow.artifacts.load_dict(f"runs:/{run_id}/gate/figures.json") == bad
     assert client.get_run(run_id).data.tags["qalora.decision"] == "rejected"
     assert mt.champion(name)["version"] == "1"
 
-    better = figures(**{"eval.arc_easy.acc": 0.42, "eval.wiki.perplexity": 29.0})
+    better = figures(**{"eval.arc_easy.acc": 0.42, "eval.wiki_ppl.perplexity": 29.0})
     _, decision, third = run_and_register(name, folders[1], better, lin=lineage(git_sha="4567ef01"))
     assert decision["passed"] and [r["rule"] for r in decision["rules"]][3:] == [
-        "no_regression.eval.arc_easy.acc", "no_regression.eval.wiki.perplexity"]
+        "no_regression.eval.arc_easy.acc", "no_regression.eval.wiki_ppl.perplexity"]
     assert third["version"] == "3" and third["decision"] == "promoted" and third["previous_champion"] == "1"
     assert aliases(name) == {"champion": "3", "challenger": "3", "previous-champion": "1"}
     old = client.get_model_version_by_alias(name, "previous-champion")
@@ -206,28 +218,233 @@ def test_rejection_then_second_promotion(home, folders):
     assert champ["version"] == "3" and champ["figures"] == better and champ["lineage"]["git_sha"] == "4567ef01"
 
 
-def test_regate_promotes_a_rejected_version_and_keeps_the_champion(home, folders):
-    name = "qalora-regate"
+def registry_state(name: str) -> dict:
+    """Everything a gate check could change: aliases, every version's tags and update time, the audit log."""
     client = MlflowClient()
-    run_and_register(name, folders[0], figures())
-    strict = GateParams(floors={"eval.arc_easy.acc": 0.5})
-    _, decision, second = run_and_register(name, folders[1], figures(**{"eval.arc_easy.acc": 0.41}), gate=strict)
-    assert second["decision"] == "rejected" and decision["failed"] == ["floor.eval.arc_easy.acc"]
-    assert client.get_model_version(name, "2").tags["gate.rule.floor.eval.arc_easy.acc"].startswith("FAIL value=0.41 threshold=0.5")
+    versions = {str(mv.version): (dict(mv.tags), mv.last_updated_timestamp)
+                for mv in client.search_model_versions(f"name = '{name}'")}
+    return {"aliases": aliases(name), "versions": versions, "model_tags": dict(client.get_registered_model(name).tags),
+            "audit": mt.audit_log(name)}
 
-    again = mt.regate(name, 2, strict)  # same rules, same answer, nothing moves
-    assert again["decision"] == "rejected" and not again["passed"] and aliases(name)["champion"] == "1"
 
-    result = mt.regate(name, "2", GateParams())  # the floor dropped: passes against champion v1
-    assert result["passed"] and result["decision"] == "promoted" and result["previous_champion"] == "1"
-    assert [r["rule"] for r in result["rules"]][3] == "no_regression.eval.arc_easy.acc"
+def assert_champion_serves(name: str, version: str, folder: Path) -> None:
+    """``models:/name@champion`` loads the version the registry names: the weights file it serves hashes to
+    that version's ``weights_sha256`` (and the folder's), and the pyfunc came from that version's run."""
+    mv = MlflowClient().get_model_version_by_alias(name, "champion")
+    assert str(mv.version) == version
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    served = model.unwrap_python_model().identity["weights_sha256"]
+    assert served == mv.tags["weights_sha256"] == sha256_file(folder / "model.safetensors")
+    assert model.metadata.run_id == mv.run_id
+
+
+@pytest.fixture
+def actor(monkeypatch):
+    """A known login name for getpass (LOGNAME wins over USER)."""
+    monkeypatch.setenv("LOGNAME", "alice")
+    monkeypatch.setenv("USER", "alice")
+    return "alice"
+
+
+@pytest.fixture
+def cli_env():
+    """The orchestration subcommands set env defaults (PREFECT_HOME, ...) for the process: undo them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def two_champions(name: str, folders) -> tuple[str, str]:
+    """The issue's registry: v1 promoted, then v2 promoted over it. Returns both runs' ids."""
+    run1, _, first = run_and_register(name, folders[0], figures())
+    run2, _, second = run_and_register(name, folders[1], figures(**{"eval.arc_easy.acc": 0.41}))
+    assert (first["decision"], second["decision"]) == ("promoted", "promoted")
     assert aliases(name) == {"champion": "2", "challenger": "2", "previous-champion": "1"}
-    tags = client.get_model_version(name, "2").tags
-    assert tags["decision"] == "promoted" and "gate.rule.floor.eval.arc_easy.acc" not in tags
+    return run1, run2
 
-    kept = mt.regate(name, "2", GateParams(max_perplexity=10.0))  # the champion is re-checked, never demoted here
-    assert kept["decision"] == "kept" and kept["failed"] == ["max_perplexity.eval.wiki.perplexity"]
+
+def test_gate_is_read_only(home, folders, actor, cli_env, capsys):
+    name = "qalora-readonly"
+    two_champions(name, folders)
+    before = registry_state(name)
+    assert [e["version"] for e in before["audit"]] == ["1", "2"]
+
+    # The issue: re-checking v1 printed "promoted" and moved champion back to it. Now it only says so.
+    check = mt.gate_version(name, 1, GateParams())
+    assert check["passed"] and check["would"] == "promote" and check["version"] == "1"
+    assert check["champion"] == "2" and check["compared_with"] == "2"
+    assert [r["rule"] for r in check["rules"]] == ["bit_exact", "logit_error", "decode_speedup",
+                                                   "no_regression.eval.arc_easy.acc",
+                                                   "no_regression.eval.wiki_ppl.perplexity"]
+    assert registry_state(name) == before
+
+    # A failing check (exit 1 through the CLI) changes nothing either.
+    failing = mt.gate_version(name, "models:/qalora-readonly@previous-champion", GateParams(floors={"eval.arc_easy.acc": 0.5}))
+    assert failing["version"] == "1" and failing["would"] == "reject" and failing["failed"] == ["floor.eval.arc_easy.acc"]
+    champ = mt.gate_version(name, "@champion", GateParams(max_perplexity=10.0))
+    assert champ["would"] == "keep" and champ["compared_with"] is None  # the champion is not compared with itself
+    assert champ["failed"] == ["max_perplexity.eval.wiki_ppl.perplexity"]
+    assert registry_state(name) == before
+
+    params = str(Path(__file__).resolve().parents[2] / "params" / "default.yaml")
+    argv = ["gate", "--params", params, "--set", f"tracking.registered_model={name}"]
+    assert main([*argv, "--version", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["would"] == "promote" and printed["champion"] == "2" and len(printed["rules"]) == 5
+    assert main([*argv, "--version", "1", "--set", "gate.floors={eval.arc_easy.acc: 0.5}"]) == 1
+    assert json.loads(capsys.readouterr().out)["failed"] == ["floor.eval.arc_easy.acc"]
+    assert registry_state(name) == before
+    assert_champion_serves(name, "2", folders[1])
+
+
+def test_promote_and_rollback_are_explicit_recorded_and_served(home, folders, actor):
+    name = "qalora-promote-rollback"
+    client = MlflowClient()
+    run1, run2 = two_champions(name, folders)
+    assert_champion_serves(name, "2", folders[1])
+    # v3 regresses: the pipeline rejects it, and promote refuses it without --force.
+    run3, _, third = run_and_register(name, folders[2], figures(**{"eval.arc_easy.acc": 0.30}))
+    assert third["decision"] == "rejected" and aliases(name)["champion"] == "2"
+    before = registry_state(name)
+    with pytest.raises(mt.PromotionRefused, match=r"refusing to promote qalora-promote-rollback v3: it fails the "
+                       r"gate against champion v2 \(no_regression.eval.arc_easy.acc: .*\); pass --force"):
+        mt.promote(name, 3, GateParams(), reason="try it")
+    with pytest.raises(mt.RegistryError, match="--reason is empty"):
+        mt.promote(name, 3, GateParams(), reason="  ", force=True)
+    with pytest.raises(mt.RegistryError, match="version 2 of 'qalora-promote-rollback' is already the champion"):
+        mt.promote(name, "champion", GateParams(), reason="again")
+    assert registry_state(name) == before
+    audit_run = before["model_tags"]["audit_log"].removeprefix("runs:/").split("/")[0]
+    raw = [mlflow.artifacts.load_text(f"runs:/{audit_run}/registry_audit.jsonl")]
+
+    forced = mt.promote(name, 3, GateParams(), reason="hotfix for the demo, accuracy checked by hand", force=True)
+    assert forced["action"] == "promote --force" and forced["replaced"] == "2" and forced["by"] == "alice"
+    assert forced["decision"]["failed"] == ["no_regression.eval.arc_easy.acc"]
+    assert aliases(name) == {"champion": "3", "challenger": "3", "previous-champion": "2"}
+    v3 = client.get_model_version(name, "3").tags
+    assert (v3["promoted_via"], v3["promoted_by"], v3["previous_champion"], v3["promotion_forced"]) == (
+        "promote --force", "alice", "2", "true")
+    assert v3["promotion_reason"] == "hotfix for the demo, accuracy checked by hand" and v3["decision"] == "promoted"
+    assert v3["gate.failed"] == "no_regression.eval.arc_easy.acc" and v3["gate.against"] == "v2"
+    assert client.get_model_version(name, "2").tags["superseded_by"] == "3"
+    assert_champion_serves(name, "3", folders[2])
+    raw.append(mlflow.artifacts.load_text(f"runs:/{audit_run}/registry_audit.jsonl"))
+
+    back = mt.rollback(name, reason="v3 answers worse in production")
+    assert (back["action"], back["version"], back["replaced"], back["by"]) == ("rollback", "2", "3", "alice")
+    assert aliases(name) == {"champion": "2", "challenger": "3"}  # the rollback consumed previous-champion
+    v3 = client.get_model_version(name, "3").tags
+    assert (v3["rolled_back_by"], v3["rolled_back_reason"], v3["superseded_by"]) == (
+        "alice", "v3 answers worse in production", "2")
+    v2 = client.get_model_version(name, "2").tags
+    assert (v2["promoted_via"], v2["previous_champion"]) == ("rollback", "3")
+    assert_champion_serves(name, "2", folders[1])
+    raw.append(mlflow.artifacts.load_text(f"runs:/{audit_run}/registry_audit.jsonl"))
+    with pytest.raises(mt.RegistryError, match="'qalora-promote-rollback' has no previous-champion alias to roll "
+                                               "back to \\(champion is v2"):
+        mt.rollback(name, reason="once more")
+
+    by_hand = mt.promote(name, "1", GateParams(), reason="back to the first build")  # passes: no --force needed
+    assert by_hand["action"] == "promote" and by_hand["replaced"] == "2" and by_hand["decision"]["passed"]
+    assert aliases(name) == {"champion": "1", "challenger": "3", "previous-champion": "2"}
+    v1 = client.get_model_version(name, "1").tags  # its first stint's end is history now (in the audit log)
+    assert v1["promoted_via"] == "promote" and not {"promotion_forced", "superseded_by", "champion_until"} & set(v1)
+    assert_champion_serves(name, "1", folders[0])
+    raw.append(mlflow.artifacts.load_text(f"runs:/{audit_run}/registry_audit.jsonl"))
+
+    log = mt.audit_log(name)
+    assert [(e["action"], e["version"], e["replaced"]) for e in log] == [
+        ("gate", "1", None), ("gate", "2", "1"), ("promote --force", "3", "2"), ("rollback", "2", "3"),
+        ("promote", "1", "2")]
+    assert [e["reason"] for e in log] == [f"pipeline run {run1} passed the gate", f"pipeline run {run2} passed the gate",
+                                          "hotfix for the demo, accuracy checked by hand",
+                                          "v3 answers worse in production", "back to the first build"]
+    assert {e["by"] for e in log} == {"alice"} and [e["run_id"] for e in log[2:]] == [run3, run2, run1]
+    assert [e["weights_sha256"] for e in log[2:]] == [sha256_file(folders[i] / "model.safetensors") for i in (2, 1, 0)]
+    assert all(dt.datetime.fromisoformat(e["at"]).utcoffset() == dt.timedelta(0) for e in log)
+    assert "gate" not in log[3] and log[4]["gate"] == {"passed": True, "failed": [], "against": "2"}
+    # Append-only: each action extended the file, never rewrote an earlier line.
+    assert all(later.startswith(earlier) and len(later.splitlines()) == len(earlier.splitlines()) + 1
+               for earlier, later in zip(raw, raw[1:]))
+    audit = client.get_run(audit_run)
+    assert audit.data.tags["qalora.kind"] == "registry-audit" and audit.info.run_name == f"registry-audit-{name}"
+
+
+def test_promote_and_rollback_cli(home, folders, actor, cli_env, capsys):
+    name = "qalora-cli-promote"
+    two_champions(name, folders)
+    params = str(Path(__file__).resolve().parents[2] / "params" / "default.yaml")
+    common = ["--params", params, "--set", f"tracking.registered_model={name}"]
+    assert main(["rollback", *common, "--reason", "bad answers"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "1"
+    assert aliases(name) == {"champion": "1", "challenger": "2"}
+    assert main(["rollback", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qalora rollback: error: 'qalora-cli-promote' has no previous-champion alias") and "\n" not in err
+    strict = ["--set", "gate.floors={eval.arc_easy.acc: 0.405}"]  # v2 (0.41) passes, v1 (0.40) would not
+    assert main(["promote", *common, *strict, "--version", "models:/qalora-cli-promote@challenger",
+                 "--reason", "fixed serving"]) == 0
+    assert json.loads(capsys.readouterr().out)["replaced"] == "1"
+    assert aliases(name) == {"champion": "2", "challenger": "2", "previous-champion": "1"}
+    assert main(["promote", *common, *strict, "--version", "1", "--reason", "compare"]) == 2
+    assert "refusing to promote qalora-cli-promote v1" in capsys.readouterr().err
     assert aliases(name)["champion"] == "2"
+    assert main(["promote", *common, *strict, "--version", "1", "--reason", "compare", "--force"]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "promote --force"
+    assert aliases(name) == {"champion": "1", "challenger": "2", "previous-champion": "2"}
+    v1 = MlflowClient().get_model_version(name, "1").tags
+    assert (v1["promotion_forced"], v1["promoted_by"], v1["gate.failed"]) == ("true", "alice", "floor.eval.arc_easy.acc")
+    v2 = MlflowClient().get_model_version(name, "2").tags  # rolled back, champion again, superseded by v1
+    assert v2["superseded_by"] == "1" and v2["promotion_reason"] == "fixed serving" and "rolled_back_by" not in v2
+    with pytest.raises(SystemExit):  # argparse: --reason is required
+        main(["promote", *common, "--version", "2"])
+    assert [e["action"] for e in mt.audit_log(name)] == ["gate", "gate", "rollback", "promote", "promote --force"]
+    assert_champion_serves(name, "1", folders[0])
+
+
+def test_version_references_and_errors(home, folders):
+    name = "qalora-refs"
+    two_champions(name, folders)
+    client = MlflowClient()
+    for ref, version in [(2, "2"), ("1", "1"), ("champion", "2"), ("@previous-champion", "1"),
+                         (f"models:/{name}@challenger", "2"), (f"models:/{name}/1", "1")]:
+        assert str(mt.resolve_version(client, name, ref).version) == version, ref
+    with pytest.raises(mt.RegistryError, match=r"version 7 of 'qalora-refs' does not exist; valid: versions 1, 2; "
+                                               r"aliases challenger=v2, champion=v2, previous-champion=v1"):
+        mt.gate_version(name, 7, GateParams())
+    with pytest.raises(mt.RegistryError, match=r"alias 'prod' is not set on 'qalora-refs'; valid: versions 1, 2"):
+        mt.promote(name, "prod", GateParams(), reason="x")
+    with pytest.raises(mt.RegistryError, match=r"names registered model 'other', but tracking.registered_model is "
+                                               r"'qalora-refs' \(pass --set tracking.registered_model=other\)"):
+        mt.gate_version(name, "models:/other@champion", GateParams())
+    with pytest.raises(mt.RegistryError, match=r"registered model 'nothing-here' does not exist"):
+        mt.rollback("nothing-here")
+    with pytest.raises(mt.RegistryError, match=r"registered model 'nothing-here' does not exist"):
+        mt.gate_version("nothing-here", 1, GateParams())
+
+
+def test_version_tags_hold_decision_failed_rules_and_lineage_not_every_figure(home, folders):
+    """~200 figures (every MMLU subject, 2 questions each): the version keeps a readable handful of tags."""
+    name = "qalora-tags"
+    subjects = [f"mmlu_subject{i:02d}" for i in range(57)]
+    def evaluated(acc: float, subject_acc: float) -> dict:
+        figs = figures(**{"eval.mmlu.acc": acc, **{f"eval.{g}.acc": acc for g in
+                          ("mmlu_humanities", "mmlu_other", "mmlu_social_sciences", "mmlu_stem")}})
+        figs |= {f"eval.{s}.acc": subject_acc for s in subjects} | {f"eval.{s}.acc_stderr": 0.5 for s in subjects}
+        return figs | {f"eval.{s}.n": 2.0 for s in subjects}
+    run_and_register(name, folders[0], evaluated(0.30, 1.0))
+    run_id, decision, result = run_and_register(name, folders[1], evaluated(0.25, 0.0))
+    assert len(evaluated(0.3, 1.0)) > 170
+    # Every subject dropped from 100% to 0%: not a rule. MMLU overall and the groups dropped 0.05: rules.
+    assert decision["failed"] == ["no_regression.eval.mmlu.acc", "no_regression.eval.mmlu_humanities.acc",
+                                  "no_regression.eval.mmlu_other.acc", "no_regression.eval.mmlu_social_sciences.acc",
+                                  "no_regression.eval.mmlu_stem.acc"]
+    tags = MlflowClient().get_model_version(name, result["version"]).tags
+    assert len(tags) <= 25, sorted(tags)
+    assert not [k for k in tags if k.startswith("figure.") or "subject" in k]
+    assert {k for k in tags if k.startswith("gate.rule.")} == {f"gate.rule.{r}" for r in decision["failed"]}
+    assert mlflow.artifacts.load_dict(f"runs:/{run_id}/gate/figures.json")["eval.mmlu_subject03.acc"] == 0.0
 
 
 def test_champion_of_an_unknown_model_is_none(home):
