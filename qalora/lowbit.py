@@ -99,8 +99,8 @@ def dequantize(
 # --- per-call dequantization (CUDA: one Triton kernel; elsewhere: the reference) -----------------
 
 _TRITON_KERNELS = None  # {"tiled": ..., "element": ...} compiled on first use, or False without triton
-# Launch shape of the tiled kernel: rows per program, codes per row per program, warps (the
-# fastest of a sweep on an H200 over the LLaMA-7B shapes, benchmarks/tune_throughput.py).
+# Launch shape of the tiled kernel: rows per program, codes per row per program, warps (within 3%
+# of the best of a sweep on an H200 over the LLaMA-7B shapes, benchmarks/tune_throughput.py).
 TRITON_TILE = {"block_n": 16, "block_k": 512, "num_warps": 8}
 # Relaunch an already compiled kernel directly (a few us of Python) instead of through Triton's JIT
 # dispatcher (argument binding, specialization, cache key: ~100 us a call on a slow host CPU, which
