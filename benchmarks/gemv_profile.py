@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from benchmarks.kernel_sweep import rand_pw
-from qalora.kernels import gpu
+from qalora.kernels import gpu_matmul
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     nw = torch.rand(a.k, device="cuda") + 0.5 if a.norm else None
     out = torch.zeros(a.m, a.n, device="cuda", dtype=torch.float32) if a.accumulate else None
     for _ in range(6):
-        gpu.gemv(x, pw, out=out, accumulate=a.accumulate, norm_weight=nw, dtype=torch.bfloat16, warps=a.warps)
+        gpu_matmul.gemv(x, pw, out=out, accumulate=a.accumulate, norm_weight=nw, dtype=torch.bfloat16, warps=a.warps)
     torch.cuda.synchronize()
 
 

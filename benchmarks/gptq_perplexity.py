@@ -28,12 +28,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from qalora.data import calibration_windows, load_texts  # noqa: E402
-from qalora.gptq import quantize_model_gptq  # noqa: E402
+from qalora.quantizers.gptq import quantize_model_gptq  # noqa: E402
 from qalora.lowbit import LowBitLinear  # noqa: E402
 from qalora.model_io import DEFAULT_TARGETS, load_base_model  # noqa: E402
 from qalora.paths import C4_DEMO, DEFAULT_GGUF, WIKI_DEMO, source_file  # noqa: E402
 from qalora.perplexity import perplexity  # noqa: E402
-from qalora.quantize import quantize_model_rtn  # noqa: E402
+from qalora.quantizers.rtn import quantize_model_rtn  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

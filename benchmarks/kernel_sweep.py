@@ -21,7 +21,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from qalora.kernels import gpu
+from qalora.kernels import gpu_matmul
 from qalora.kernels.prepared import prepare_weight
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
@@ -79,14 +79,14 @@ def sweep_gemv(bits: int, rows: list[dict], ms: tuple[int, ...] = (1, 8, 16, 32)
             out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             acc = torch.zeros(m, n, device="cuda")
             it = {"i": 0}
-            configs = [(w, st) for w in (4, 8) for st in (2, 3, 4)] if m <= 8 else [(None, gpu.DEFAULT_STAGES)]
+            configs = [(w, st) for w in (4, 8) for st in (2, 3, 4)] if m <= 8 else [(None, gpu_matmul.DEFAULT_STAGES)]
             for warps, stages in configs:
                 def run(warps=warps, stages=stages):
                     pw = pws[it["i"] % len(pws)]
                     if norm:
-                        gpu.gemv(x, pw, out=out, norm_weight=nw, dtype=torch.bfloat16, warps=warps, stages=stages)
+                        gpu_matmul.gemv(x, pw, out=out, norm_weight=nw, dtype=torch.bfloat16, warps=warps, stages=stages)
                     else:
-                        gpu.gemv(x, pw, out=acc, accumulate=True, warps=warps, stages=stages)
+                        gpu_matmul.gemv(x, pw, out=acc, accumulate=True, warps=warps, stages=stages)
                     it["i"] += 1
                 us = time_us(run)
                 nbytes = pws[0].nbytes() + x.numel() * x.element_size() + out.numel() * 2
@@ -116,10 +116,10 @@ def sweep_largem(bits: int, rows: list[dict]) -> None:
         pw = rand_pw(n, k, bits)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         wbuf = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
-        rows.append({"kind": "dequant", "bits": bits, "shape": name, "us": time_us(lambda: gpu.dequant(pw, torch.bfloat16, out=wbuf), calls=5)})
+        rows.append({"kind": "dequant", "bits": bits, "shape": name, "us": time_us(lambda: gpu_matmul.dequant(pw, torch.bfloat16, out=wbuf), calls=5)})
         for m in (256, 512, 2048):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_lb = time_us(lambda: gpu.dequant_matmul(x, pw), calls=5)
+            t_lb = time_us(lambda: gpu_matmul.dequant_matmul(x, pw), calls=5)
             t_bf = time_us(lambda: F.linear(x, w), calls=5)
             rows.append({"kind": "largem", "bits": bits, "shape": name, "m": m, "dequant_cublas_us": t_lb,
                          "cublas_bf16_us": t_bf, "ratio_bf16_over_lowbit": t_bf / t_lb})

@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qalora.bench import Harness, synthetic_source
+from qalora.decoder import StaticDecoder, synthetic_source
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--mode", default="lowbit")
     args = ap.parse_args()
     src = synthetic_source("llama-7b", args.bits, 128, torch.device("cuda"), torch.bfloat16)
-    hn = Harness(src, args.mode, torch.bfloat16)
+    hn = StaticDecoder(src, args.mode, torch.bfloat16)
     for b in [int(v) for v in args.batch.split(",")]:
         hn.alloc(b, 256)
         hn.pos.fill_(128)

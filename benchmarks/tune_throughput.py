@@ -117,7 +117,7 @@ def base_matmul_params(cfg) -> int:
 
 def build_ours(cfg, device, cache: str):
     from qalora.adapter import apply_qalora
-    from qalora.quantize import quantize_model_rtn
+    from qalora.quantizers.rtn import quantize_model_rtn
     from qalora.tune import set_dequant_cache
 
     model = bf16_model(cfg, device)

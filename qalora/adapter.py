@@ -1,4 +1,4 @@
-"""The QA-LoRA adapter: LoRA on group-pooled inputs over a frozen LowBitLinear (DESIGN.md §2).
+"""The QA-LoRA adapter: LoRA on group-pooled inputs over a frozen LowBitLinear (docs/design.md, "The math").
 
     y = W_hat x + (alpha / r) * B @ A @ P(x),     P(x)_k = sum_{i in group k} x_i   (sum pooling)
 

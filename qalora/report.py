@@ -32,6 +32,25 @@ PLOTS = {"loss": "loss.png", "latency": "latency.png", "accuracy": "accuracy.png
 _OWN_FILES = {REPORT_MD, REPORT_HTML, SUMMARY_JSON, DECISION_JSON, *PLOTS.values()}
 
 
+# ----------------------------------------------------------------------------- chart rows from stage results
+
+def latency_rows(bench_result: Mapping[str, Any]) -> list[dict[str, float]]:
+    """The latency chart's rows from a benchmark result (``bench.json``): per decode batch size, tokens/s
+    and ms/token of the low-bit and the fp model."""
+    low, fp = bench_result["lowbit"]["decode"], bench_result["dense"]["decode"]
+    return [{"batch": int(b), "lowbit_tok_s": low[b]["tokens_per_s"], "fp_tok_s": fp[b]["tokens_per_s"],
+             "lowbit_ms_per_token": 1000 / low[b]["tokens_per_s"], "fp_ms_per_token": 1000 / fp[b]["tokens_per_s"]}
+            for b in low if b in fp]
+
+
+def accuracy_rows(eval_result: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The accuracy chart's rows from an evaluation result (``eval.json``): one per task or group, its
+    numeric figures (MMLU's 57 subjects are in eval.json and MLflow, not the chart)."""
+    rows = (eval_result.get("groups") or {}) | {t: m for t, m in (eval_result.get("tasks") or {}).items()
+                                                if not t.startswith("mmlu_")}
+    return {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in rows.items()}
+
+
 # ----------------------------------------------------------------------------- formatting
 
 def fmt(value: Any) -> str:

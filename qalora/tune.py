@@ -23,6 +23,7 @@ from qalora.adapter import QALoRALinear, adapter_config, adapter_layers, apply_q
 from qalora.checkpoint import load_lowbit_model, model_identity
 from qalora.config import TuneParams
 from qalora.data import collate, load_alpaca, tokenize_alpaca
+from qalora.device import DTYPES, dtype_name, resolve_device
 from qalora.lowbit import cache_dequantized_for
 from qalora.manifest import (
     atomic_output_dir, check_output_path, read_json, sha256_bytes, sha256_file, write_json_atomic, write_manifest,
@@ -61,20 +62,10 @@ class DataOrder:
         return [self._perm(p // self.n)[p % self.n] for p in positions]
 
 
-def _resolve_device(p: TuneParams) -> torch.device:
-    if p.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if p.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("tune.device=cuda but no CUDA device is available; use auto or cpu")
-    return torch.device(p.device)
-
-
 def resolve_dtype(p: TuneParams, device: torch.device) -> str:
     """``auto``: bf16 on CUDA (autocast, frozen float tensors stored in bf16), fp32 elsewhere
-    (the exact CPU path)."""
-    if p.dtype == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p.dtype
+    (the exact CPU path): :func:`qalora.device.dtype_name`."""
+    return dtype_name(p.dtype, device)
 
 
 def set_dequant_cache(model: torch.nn.Module, device: torch.device, mode: str = "auto") -> bool:
@@ -160,9 +151,9 @@ def tune(
     out_dir = Path(out_dir)
     check_output_path(out_dir, "tune")  # refuse a bad --out now, not after the whole tune
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out_dir.with_name(out_dir.name + ".checkpoints")
-    device = _resolve_device(params)
+    device = torch.device(resolve_device(params.device, key="tune.device"))
     dtype = resolve_dtype(params, device)
-    model, tokenizer, _ = load_lowbit_model(base_dir, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model, tokenizer, _ = load_lowbit_model(base_dir, dtype=DTYPES[dtype])
     if tokenizer is None:
         raise ValueError(f"{base_dir} has no tokenizer files: tuning needs one to tokenize {data_path}")
     base_id = model_identity(base_dir)

@@ -63,7 +63,7 @@ def state_dir(tmp_path, monkeypatch):
 def save_tiny_base(folder, bits: int = 4, group_size: int = 32, seed: int = 0, **kw):
     """RTN-quantize a tiny LLaMA and save it (with the tiny tokenizer) as a canonical low-bit folder."""
     from qalora.checkpoint import save_lowbit_model
-    from qalora.quantize import quantize_model_rtn
+    from qalora.quantizers.rtn import quantize_model_rtn
 
     model = tiny_llama(seed, **kw)
     quantize_model_rtn(model, bits, group_size, TARGETS, progress=False)
@@ -111,7 +111,7 @@ def project(tmp_path, state_dir):
 
     import yaml
 
-    from tasks import dvc_data
+    from qalora_pipeline import data_version
 
     root = tmp_path / "project"
     data = root / "data"
@@ -123,7 +123,7 @@ def project(tmp_path, state_dir):
     (data / "heldout" / "wiki_demo.txt").write_text(text * 3)
     (data / "eval" / "README").write_text("no eval sets in this test: perplexity only\n")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    dvc_data.track(root)
+    data_version.track(root)
     fp = tmp_path / "fp"
     tiny_llama().save_pretrained(fp)
     tiny_tokenizer().save_pretrained(fp)

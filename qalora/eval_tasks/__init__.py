@@ -61,7 +61,7 @@ def load_local(
     """``custom_dataset`` of every local task: a ``DatasetDict`` of ``<data_dir>/<local_path>/<split>``.
 
     lm-eval calls it with the task's metadata and ``dataset_kwargs`` as keyword arguments; the
-    data dir comes from ``meta[DATA_DIR_KEY]`` (set by :func:`qalora.evaluate.task_manager`).
+    data dir comes from ``meta[DATA_DIR_KEY]`` (set by :func:`qalora.eval_tasks.selection.task_manager`).
     """
     import datasets
 

@@ -4,7 +4,7 @@ Backends (chosen per layer by :func:`select_backend`, or forced):
 
 - ``"cuda"`` (CUDA + a CUDA compiler, fp16/bf16 activations, 2/3/4 bit, power-of-two group >= 32):
   the weight is repacked once into tiles (:mod:`qalora.kernels.layout`); rows M <=
-  ``gpu.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``), larger M
+  ``gpu_matmul.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``), larger M
   dequantize with one kernel then run cuBLAS.
 - ``"int4pack"`` (CPU, 4 bit): bf16/fp16 activations run torch's ``_weight_int4pack_mm_for_cpu`` in
   their dtype (scale/zero rounded to it: :func:`~qalora.kernels.cpu.int4_error_bound`); fp32
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qalora.kernels.cpu import dequant_linear, int4_linear, int4pack_available
+from qalora.kernels.cpu import dequant_linear, int4_linear, int4pack_fits
 from qalora.kernels.cuda_ext import cuda_kernels_available
 from qalora.kernels.layout import check_kernel_shape
 from qalora.kernels.prepared import PreparedWeight, concat_layers, prepare_layer, prepare_weight, reference_dequant
@@ -31,7 +31,7 @@ BACKENDS = ("auto", "cuda", "int4pack", "dequant")
 
 
 def triton_available() -> bool:
-    """True when CUDA is up and triton imports (the benchmark harness's attention/norm kernels)."""
+    """True when CUDA is up and triton imports (the attention/norm kernels of :mod:`qalora.decoder`)."""
     if not torch.cuda.is_available():
         return False
     try:
@@ -56,7 +56,7 @@ def select_backend(device: torch.device | str, bits: int, group_size: int, in_fe
         if cuda_kernels_available() and _kernel_shape_ok(bits, group_size, in_features):
             return "cuda"
         return "dequant"
-    if bits == 4 and int4pack_available() and in_features % 2 == 0 and group_size in (32, 64, 128, 256):
+    if int4pack_fits(bits, group_size, in_features):
         return "int4pack"
     return "dequant"
 
@@ -74,17 +74,12 @@ class PreparedLowBitLinear(LowBitLinear):
 
     @classmethod
     def from_layer(cls, layer: LowBitLinear, backend: str = "auto") -> "PreparedLowBitLinear":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = layer.in_features, layer.out_features
-        new.bits, new.group_size = layer.bits, layer.group_size
-        for name in ("qweight", "scales", "zeros"):
-            new.register_buffer(name, getattr(layer, name))
-        if layer.bias is not None:
-            new.register_buffer("bias", layer.bias)
-        else:
-            new.bias = None
-        new._cached, new.cache_dequantized = None, False
+        # LowBitLinear's own constructor (its checks, its attributes) on the meta device, then the
+        # original layer's buffers in place of the empty ones: nothing is copied.
+        new = cls(layer.in_features, layer.out_features, layer.bits, layer.group_size, bias=layer.bias is not None,
+                  device="meta")
+        for name in ("qweight", "scales", "zeros", *(("bias",) if layer.bias is not None else ())):
+            setattr(new, name, getattr(layer, name))
         if backend == "auto":
             backend = select_backend(layer.qweight.device, layer.bits, layer.group_size, layer.in_features)
         if backend not in BACKENDS[1:]:
@@ -114,9 +109,9 @@ def lowbit_linear(x: torch.Tensor, w: PreparedWeight | LowBitLinear, backend: st
     if backend == "auto":
         backend = select_backend(x.device, pw.bits, pw.group_size, pw.in_features)
     if backend == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and pw.tiles is not None and not pw.glu:
-        from qalora.kernels import gpu
+        from qalora.kernels import gpu_matmul
 
-        return gpu.matmul(x, pw)
+        return gpu_matmul.matmul(x, pw)
     if backend == "int4pack" and pw.cpu_int4 is not None:
         if x.dtype == torch.float32:
             # torch's fp32 int4pack CPU kernel is a scalar fallback (20x slower than a dense fp32
@@ -125,7 +120,7 @@ def lowbit_linear(x: torch.Tensor, w: PreparedWeight | LowBitLinear, backend: st
         packed, sz = pw.cpu_int4
         return int4_linear(x, packed, sz, pw.group_size, pw.ref_bias, exact=False)
     if pw.glu:
-        raise ValueError("a glu-prepared weight runs on the cuda backend only (gpu.matmul)")
+        raise ValueError("a glu-prepared weight runs on the cuda backend only (gpu_matmul.matmul)")
     return dequant_linear(x, pw.qweight, pw.scales, pw.zeros, pw.bits, pw.group_size, pw.ref_bias)
 
 

@@ -14,19 +14,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qalora.lowbit import dequantize, unpack_codes
+from qalora.lowbit import dequantize_packed, unpack_codes
+
+
+# Group sizes torch's int4pack CPU kernel takes.
+INT4PACK_GROUPS = (32, 64, 128, 256)
 
 
 def int4pack_available() -> bool:
     return hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch, "_weight_int4pack_mm_for_cpu")
 
 
+def int4pack_fits(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether torch's int4pack CPU kernel takes this layer: it is there, 4 bit, even D_in, group in
+    :data:`INT4PACK_GROUPS`."""
+    return bits == 4 and int4pack_available() and in_features % 2 == 0 and group_size in INT4PACK_GROUPS
+
+
 def int4pack_operands(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, in_features: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Canonical 4-bit buffers -> (packed uint8 [N, K/2], scale_and_zero fp32 [L, N, 2]), or None
-    when torch lacks the kernel or the shape does not fit it (K % 2, group not in 32..256)."""
-    if not int4pack_available() or in_features % 2 or group_size not in (32, 64, 128, 256):
+    when the kernel does not take the layer (:func:`int4pack_fits`)."""
+    if not int4pack_fits(4, group_size, in_features):
         return None
     codes = unpack_codes(qweight.cpu(), 4).to(torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -62,7 +72,7 @@ def dequant_linear(
     group_size: int, bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference path (any bits): dequantize in fp32, cast to x's dtype, F.linear."""
-    w = dequantize(unpack_codes(qweight, bits), scales, zeros, group_size).to(x.dtype)
+    w = dequantize_packed(qweight, scales, zeros, bits, group_size, x.dtype, use_triton=False)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 

@@ -42,11 +42,10 @@ class PreparedWeight:
     dense: torch.Tensor | None = None
 
     def dense_weight(self) -> torch.Tensor:
-        """fp32 [N, K] reference dequant, built on first use and kept (the CPU fp32 path)."""
+        """fp32 [N, K] reference dequant (:func:`reference_dequant`), built on first use and kept (the
+        CPU fp32 path)."""
         if self.dense is None:
-            if self.qweight is None:
-                raise ValueError("the canonical buffers were dropped: no dense weight to build")
-            self.dense = dequantize(unpack_codes(self.qweight, self.bits), self.scales, self.zeros, self.group_size)
+            self.dense = reference_dequant(self)
         return self.dense
 
     @property
@@ -144,8 +143,8 @@ def concat_layers(layers: list[LowBitLinear]) -> LowBitLinear:
 def reference_dequant(pw: PreparedWeight) -> torch.Tensor:
     """fp32 [N, K] from the canonical buffers, natural row order (the reference the kernels are
     checked against; for a ``glu`` weight, the stacked [gate; up])."""
-    from qalora.lowbit import dequantize
-
+    if pw.qweight is None:
+        raise ValueError("the canonical buffers were dropped: no dense weight to build")
     return dequantize(unpack_codes(pw.qweight, pw.bits), pw.scales, pw.zeros, pw.group_size)
 
 

@@ -11,7 +11,7 @@ from qalora.check import _check_deploy, _check_logits, check_merge
 from qalora.checkpoint import WEIGHTS, load_lowbit_model, load_tensors, save_lowbit_model
 from qalora.config import CheckParams, TuneParams
 from qalora.merge import merge
-from qalora.quantize import quantize_model_rtn
+from qalora.quantizers.rtn import quantize_model_rtn
 from qalora.tune import tune
 
 K_BIAS = "model.layers.0.self_attn.k_proj.bias"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from conftest import tiny_llama, tiny_tokenizer, write_alpaca
-from qalora.cli import main
+from qalora_pipeline.cli import main
 
 
 @pytest.fixture

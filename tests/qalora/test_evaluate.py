@@ -15,7 +15,10 @@ import pytest
 
 from conftest import save_tiny_base, tiny_llama, tiny_tokenizer, write_alpaca
 from qalora import evaluate as ev
-from qalora.eval_tasks import COMMONSENSE, MissingEvalData, load_local
+from qalora.eval_model import load_eval_model
+from qalora.eval_tasks import COMMONSENSE, MissingEvalData, load_local, selection
+from qalora_pipeline.cli import main as cli_main
+from qalora_pipeline.cli.stages import _parse_per_task
 
 # Resolved at import, before fixtures point QALORA_HOME at temp dirs.
 DATA = Path(
@@ -60,7 +63,7 @@ def _snapshot(folder: Path) -> dict[str, int]:
 @needs_data
 def test_all_tasks_load_offline(no_network):
     before = _snapshot(DATA)
-    loaded = ev.task_manager(DATA).load(["mmlu", *COMMONSENSE])
+    loaded = selection.task_manager(DATA).load(["mmlu", *COMMONSENSE])
     tasks, groups = loaded["tasks"], loaded["groups"]
     subjects = [t for t in tasks if t.startswith("mmlu_")]
     assert len(subjects) == 57
@@ -73,16 +76,16 @@ def test_all_tasks_load_offline(no_network):
 
 
 def test_task_names_and_aliases():
-    names = ev.available_tasks()
+    names = selection.available_tasks()
     assert {"mmlu", "mmlu_anatomy", "mmlu_stem", *COMMONSENSE, "wiki_ppl", "commonsense"} <= set(names)
-    assert ev.expand_tasks("commonsense,wikitext_ppl,arc_easy") == [*COMMONSENSE, "wiki_ppl"]
+    assert selection.expand_tasks("commonsense,wikitext_ppl,arc_easy") == [*COMMONSENSE, "wiki_ppl"]
     with pytest.raises(ValueError, match="unknown task.*'sciq'"):
-        ev.expand_tasks("mmlu,sciq")
-    assert ev._parse_per_task("5", int) == 5
-    assert ev._parse_per_task("mmlu=5, hellaswag=0", int) == {"mmlu": 5, "hellaswag": 0}
-    assert ev._parse_per_task("0.1", float) == 0.1 and ev._parse_per_task("200", float) == 200
-    assert ev.default_fewshot("mmlu") == ev.default_fewshot("mmlu_anatomy") == 5
-    assert ev.default_fewshot("hellaswag") == 0
+        selection.expand_tasks("mmlu,sciq")
+    assert _parse_per_task("5", int) == 5
+    assert _parse_per_task("mmlu=5, hellaswag=0", int) == {"mmlu": 5, "hellaswag": 0}
+    assert _parse_per_task("0.1", float) == 0.1 and _parse_per_task("200", float) == 200
+    assert selection.default_fewshot("mmlu") == selection.default_fewshot("mmlu_anatomy") == 5
+    assert selection.default_fewshot("hellaswag") == 0
 
 
 # --- prompt parity with lm-eval's built-in configs ------------------------------------------------
@@ -121,7 +124,7 @@ def _scoring(task):
 def test_prompt_parity_mmlu_5shot_all_subjects(no_network):
     from lm_eval.tasks._index import TaskIndex
 
-    ours = ev.task_manager(DATA).load(["mmlu"])["tasks"]
+    ours = selection.task_manager(DATA).load(["mmlu"])["tasks"]
     builtin_dir = LM_EVAL_TASKS / "mmlu" / "default"
     builtin_index = TaskIndex.build([builtin_dir])
     our_index = TaskIndex.build([ev.TASK_DIR / "mmlu"])
@@ -147,7 +150,7 @@ def test_prompt_parity_mmlu_5shot_all_subjects(no_network):
 def test_prompt_parity_commonsense(name, no_network):
     import datasets
 
-    task = ev.task_manager(DATA).load([name])["tasks"][name]
+    task = selection.task_manager(DATA).load([name])["tasks"][name]
     split = task.config.validation_split
     assert task.config.test_split is None and len(task.dataset[split]) == EXPECTED_ROWS[name]
     # The first 60 local rows, fed to both configs (eval_docs re-runs process_docs on every access).
@@ -171,7 +174,7 @@ def test_boolq_rows_match_super_glue_schema():
     rows = load_local("boolq/none", ["validation"], transform="boolq", qalora_data_dir=str(DATA))["validation"]
     assert rows["label"] == [int(a) for a in raw["answer"]] and set(rows["label"]) == {0, 1}
     assert rows["idx"] == list(range(len(raw)))
-    task = ev.task_manager(DATA).load(["boolq"])["tasks"]["boolq"]
+    task = selection.task_manager(DATA).load(["boolq"])["tasks"]["boolq"]
     doc = next(d for d in task.eval_docs if d["answer"])
     assert task.doc_to_choice(doc)[task.doc_to_target(doc)] == "yes"  # True -> "yes", as super_glue's label 1
 
@@ -246,7 +249,7 @@ def test_cli_on_fp_folder_and_lowbit_folder(tmp_path, state_dir, capsys):
     ppl = _ppl_file(tmp_path)
     for folder, kind in ((fp, "fp"), (lowbit, "lowbit")):
         out = tmp_path / f"{kind}.json"
-        rc = ev.main(["eval", "--model", str(folder), "--tasks", "arc_easy,wiki_ppl", "--limit", "3", "--device", "cpu",
+        rc = cli_main(["eval", "--model", str(folder), "--tasks", "arc_easy,wiki_ppl", "--limit", "3", "--device", "cpu",
                       "--data-dir", str(DATA), "--ppl-text", str(ppl), "--ppl-context", "64", "--ppl-stride", "32",
                       "--batch-size", "2", "--json", str(out), "--no-progress"])
         assert rc == 0
@@ -279,7 +282,7 @@ def test_adapter_path_equals_merged_model(tmp_path, state_dir):
         fp = tmp_path / "fp"
         tiny_llama().save_pretrained(fp)
         tiny_tokenizer().save_pretrained(fp)
-        ev.load_eval_model(fp, adapter=tmp_path / "adapter")
+        load_eval_model(fp, adapter=tmp_path / "adapter")
 
 
 @needs_data
@@ -304,7 +307,7 @@ def test_lowbit_eval_model_dequantizes_once(tmp_path):
     from qalora.checkpoint import load_lowbit_model, lowbit_layers
 
     folder = save_tiny_base(tmp_path / "int4")
-    cached, _, _ = ev.load_eval_model(folder, device="cpu")
+    cached, _, _ = load_eval_model(folder, device="cpu")
     plain, _, _ = load_lowbit_model(folder, dtype=torch.float32, device="cpu")
     ids = torch.arange(12).unsqueeze(0)
     with torch.no_grad():
@@ -317,23 +320,24 @@ def test_lowbit_eval_model_dequantizes_once(tmp_path):
 
 # --- missing data ---------------------------------------------------------------------------------
 
-def test_missing_data_error_names_path_and_command(tmp_path, state_dir):
+def test_missing_data_error_names_path_and_command(tmp_path, state_dir, capsys):
     empty = tmp_path / "no-data"
     empty.mkdir()
     with pytest.raises(MissingEvalData) as err:
-        ev.check_data(["arc_easy"], empty)
+        selection.check_data(["arc_easy"], empty)
     msg = str(err.value)
     assert str(empty / "ai2_arc" / "ARC-Easy" / "validation") in msg and "`qalora data build`" in msg
     # the same error from inside lm-eval's task loading (the custom_dataset loader)
     with pytest.raises(MissingEvalData, match=r"hails/mmlu_no_train/anatomy/test.*qalora data build"):
-        ev.task_manager(empty).load(["mmlu_anatomy"])
+        selection.task_manager(empty).load(["mmlu_anatomy"])
     # evaluate refuses before touching the model; the CLI exits non-zero with the message
     with pytest.raises(MissingEvalData, match="qalora data build"):
         ev.evaluate(tiny_llama(), tiny_tokenizer(), "mmlu", data_dir=empty, progress=False)
     with pytest.raises(MissingEvalData, match=r"wiki_demo.txt does not exist.*qalora data build"):
-        ev.check_data(["wiki_ppl"], empty)  # default held-out text under the (empty) state dir
-    with pytest.raises(MissingEvalData, match="qalora data build"):
-        ev.main(["eval", "--model", str(tmp_path / "never-loaded"), "--tasks", "hellaswag", "--data-dir", str(empty)])
+        selection.check_data(["wiki_ppl"], empty)  # default held-out text under the (empty) state dir
+    assert cli_main(["eval", "--model", str(tmp_path / "never-loaded"), "--tasks", "hellaswag",
+                     "--data-dir", str(empty)]) == 2
+    assert "qalora data build" in capsys.readouterr().err
 
 
 # --- perplexity -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qalora.gptq import (
+from qalora.quantizers.gptq import (
     apply_gptq_checkpoint,
     gptqmodel_env,
     quantize_model_gptq,

@@ -12,7 +12,7 @@ from qalora.adapter import apply_qalora
 from qalora.config import TuneParams
 from qalora.lowbit import LowBitLinear, cache_dequantized_for, dequantize_packed
 from qalora.manifest import read_json
-from qalora.quantize import quantize_model_rtn
+from qalora.quantizers.rtn import quantize_model_rtn
 from qalora.tune import resolve_dtype, tune
 
 

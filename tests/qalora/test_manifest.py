@@ -41,12 +41,12 @@ def test_code_version_follows_imports_only(package):
 
 def test_stage_closures_separate_kernels_from_tune():
     repo = Path(qalora.__file__).resolve().parents[1]
-    names = {p.relative_to(repo).as_posix() for p in _import_closure(("tasks.tune",))}
-    assert "qalora/tune.py" in names and "tasks/stage_cache.py" in names
+    names = {p.relative_to(repo).as_posix() for p in _import_closure(("qalora_pipeline.tasks.tune",))}
+    assert "qalora/tune.py" in names and "qalora_pipeline/tasks/stage_cache.py" in names
     assert not any(n.startswith("qalora/kernels/") for n in names)
-    bench = {p.as_posix() for p in _import_closure(("tasks.benchmark",))}
+    bench = {p.as_posix() for p in _import_closure(("qalora_pipeline.tasks.benchmark",))}
     assert any(p.endswith("qalora/kernels/lowbit_cuda.cu") for p in bench)
-    assert code_version("tasks.tune") != code_version("tasks.benchmark") != code_version()
+    assert code_version("qalora_pipeline.tasks.tune") != code_version("qalora_pipeline.tasks.benchmark") != code_version()
 
 
 # --- output paths: a stage replaces only an earlier output of its own stage ------------------------
@@ -186,7 +186,7 @@ def fp_model_dir(tmp_path):
 
 
 def _quantize(fp: Path, out: Path, bits: int = 4) -> int:
-    from qalora.cli import main
+    from qalora_pipeline.cli import main
 
     return main(["quantize", "--model", str(fp), "--method", "rtn", "--bits", str(bits), "--group-size", "32",
                  "--out", str(out), "--no-progress"])
@@ -220,7 +220,7 @@ def test_cli_replaces_own_output_and_refuses_another_stages(tmp_path, fp_model_d
     import json
 
     from conftest import write_alpaca
-    from qalora.cli import main
+    from qalora_pipeline.cli import main
 
     q = tmp_path / "q"
     assert _quantize(fp_model_dir, q, bits=4) == 0

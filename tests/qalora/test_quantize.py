@@ -3,7 +3,7 @@ import torch
 
 from conftest import TARGETS, tiny_llama
 from qalora.lowbit import LowBitLinear
-from qalora.quantize import quantize_model_rtn, rtn_quantize
+from qalora.quantizers.rtn import quantize_model_rtn, rtn_quantize
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

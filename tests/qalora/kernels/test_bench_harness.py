@@ -1,4 +1,4 @@
-"""The decode/prefill harness against transformers' forward on a tiny quantized LLaMA (CUDA),
+"""The static decoder (qalora.decoder) against transformers' forward on a tiny quantized LLaMA (CUDA),
 and the CLI/CPU fallback of ``qalora bench`` (CPU, small)."""
 
 import json
@@ -15,7 +15,7 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 
 def quantize_minmax(model, bits, g):
-    """Min-max RTN with float zeros (no qalora.quantize: its config needs pydantic)."""
+    """Min-max RTN with float zeros, as after a QA-LoRA merge."""
     for name, mod in list(model.named_modules()):
         if name.split(".")[-1] in PROJ:
             w = mod.weight.detach().float().reshape(mod.out_features, -1, g)
@@ -31,8 +31,8 @@ def quantize_minmax(model, bits, g):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (triton_available() and cuda_kernels_available()), reason="needs CUDA, triton and nvcc")
 @pytest.mark.parametrize("bits", [4, 3, 2])
-def test_harness_matches_transformers(bits):
-    from qalora.bench import Harness, _graph, model_source
+def test_decoder_matches_transformers(bits):
+    from qalora.decoder import StaticDecoder, capture_graph, model_source
 
     m = tiny_llama(seed=bits)
     quantize_minmax(m, bits, 32)
@@ -43,13 +43,13 @@ def test_harness_matches_transformers(bits):
     dt = torch.bfloat16
     src = model_source(m, torch.device("cuda"), dt)
     for mode in ("lowbit", "dense", "dense_cublas"):
-        hn = Harness(src, mode, dt)
+        hn = StaticDecoder(src, mode, dt)
         hn.alloc(1, 32)
         with torch.no_grad():
             lp = hn.prefill(ids)
             assert float((lp.double() - ref[-1]).norm() / ref[-1].norm()) < 3e-2, mode
             hn.pos.fill_(0)
-            g = _graph(hn.decode_step, warmup=0)
+            g = capture_graph(hn.decode_step, warmup=0)
             for i in range(len(ids)):
                 hn.tok.fill_(int(ids[i]))
                 g.replay()
@@ -61,11 +61,11 @@ def test_harness_matches_transformers(bits):
 def test_bench_cli_cpu_tiny(tmp_path, monkeypatch):
     import argparse
 
-    from qalora import bench
+    from qalora_pipeline.cli import stages
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     parser = argparse.ArgumentParser()
-    bench.add_cli(parser.add_subparsers(dest="cmd"))
+    stages.add_bench(parser.add_subparsers(dest="cmd"))
     out = tmp_path / "b.json"
     args = parser.parse_args(["bench", "--synthetic", "tiny", "--bits", "4", "--group-size", "64", "--batch", "1,2",
                               "--prefill", "16", "--steps", "2", "--reps", "1", "--json", str(out)])

@@ -107,4 +107,4 @@ def test_kernels_import_without_triton_side_effects():
 
     import qalora.kernels  # noqa: F401
 
-    assert "qalora.kernels.gpu" not in sys.modules or torch.cuda.is_available()
+    assert "qalora.kernels.gpu_matmul" not in sys.modules or torch.cuda.is_available()

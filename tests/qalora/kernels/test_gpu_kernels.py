@@ -46,28 +46,28 @@ def _check(y, ref, dtype):
 def test_matmul_all_paths(bits, dtype, m):
     """Skinny kernel (1, 2 and 4 n8 tiles; 1..8 warps) and dequant + cuBLAS; the group size
     cycles over 32/64/128 with M. N=200 is not a tile multiple, K=1408 not a step multiple."""
-    from qalora.kernels import gpu
+    from qalora.kernels import gpu_matmul
 
     g = {1: 32, 5: 64, 16: 128, 32: 64, 33: 32, 300: 128}[m]
     n, k = 200, 1408
     pw = _pw(n, k, bits, g, seed=bits * 1000 + g + m, bias=(m == 5))
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = _ref(x, pw)
-    _check(gpu.matmul(x, pw), ref, dtype)
-    if m <= gpu.SKINNY_MAX_M:
+    _check(gpu_matmul.matmul(x, pw), ref, dtype)
+    if m <= gpu_matmul.SKINNY_MAX_M:
         for warps in (1, 3, 8):
-            _check(gpu.gemv(x, pw, warps=warps), ref, dtype)
+            _check(gpu_matmul.gemv(x, pw, warps=warps), ref, dtype)
         xs = torch.randn(m, k + 8, device="cuda", dtype=dtype)[:, 8:]  # strided rows, offset base
-        _check(gpu.gemv(xs, pw), _ref(xs, pw), dtype)
+        _check(gpu_matmul.gemv(xs, pw), _ref(xs, pw), dtype)
     else:
-        _check(gpu.dequant_matmul(x, pw), ref, dtype)
+        _check(gpu_matmul.dequant_matmul(x, pw), ref, dtype)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_fusions(bits, dtype):
     """RMSNorm prologue on an fp32 stream, residual accumulate, and the SiLU(gate)*up epilogue."""
-    from qalora.kernels import gpu
+    from qalora.kernels import gpu_matmul
 
     n, k = 256, 2048
     pw = _pw(n, k, bits, 128, seed=7)
@@ -76,24 +76,24 @@ def test_gemv_fusions(bits, dtype):
         h = torch.randn(m, k, device="cuda")
         out = torch.randn(m, n, device="cuda")
         o = out.clone()
-        gpu.gemv(h.to(dtype), pw, out=o, accumulate=True)
+        gpu_matmul.gemv(h.to(dtype), pw, out=o, accumulate=True)
         _check(o - out, _ref(h.to(dtype), pw), dtype)
         nw = torch.rand(k, device="cuda") + 0.5
         xn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
-        _check(gpu.gemv(h, pw, norm_weight=nw, dtype=dtype), _ref(xn, pw), dtype)
-        y = gpu.gemv(h, glu, norm_weight=nw, dtype=dtype)
+        _check(gpu_matmul.gemv(h, pw, norm_weight=nw, dtype=dtype), _ref(xn, pw), dtype)
+        y = gpu_matmul.gemv(h, glu, norm_weight=nw, dtype=dtype)
         assert y.shape == (m, n // 2)
         _check(y, _ref(xn, glu), dtype)
-        _check(gpu.matmul(xn.to(dtype), glu), _ref(xn.to(dtype), glu), dtype)
+        _check(gpu_matmul.matmul(xn.to(dtype), glu), _ref(xn.to(dtype), glu), dtype)
     x = torch.randn(40, k, device="cuda", dtype=dtype)  # large-M glu: dequant + cuBLAS + torch silu
-    _check(gpu.matmul(x, glu), _ref(x, glu), dtype)
+    _check(gpu_matmul.matmul(x, glu), _ref(x, glu), dtype)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gemv_pipeline_depths_and_staging(bits):
     """Every load-pipeline depth and warp count, with the activations staged in shared memory
     (M * K small) and read from global memory (M=8 rows of K=4736 exceed the staging budget)."""
-    from qalora.kernels import gpu
+    from qalora.kernels import gpu_matmul
 
     for n, k, ms in ((48, 4736, (3, 8)), (40, 640, (1, 7))):
         pw = _pw(n, k, bits, 128, seed=bits + k)
@@ -103,35 +103,35 @@ def test_gemv_pipeline_depths_and_staging(bits):
             xn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
             for stages in (1, 2, 3, 4):
                 for warps in (2, 8):
-                    _check(gpu.gemv(h.bfloat16(), pw, warps=warps, stages=stages), _ref(h.bfloat16(), pw), torch.bfloat16)
-                    y = gpu.gemv(h, pw, norm_weight=nw, dtype=torch.float16, warps=warps, stages=stages)
+                    _check(gpu_matmul.gemv(h.bfloat16(), pw, warps=warps, stages=stages), _ref(h.bfloat16(), pw), torch.bfloat16)
+                    y = gpu_matmul.gemv(h, pw, norm_weight=nw, dtype=torch.float16, warps=warps, stages=stages)
                     _check(y, _ref(xn, pw), torch.float16)
 
 
 def test_dequant_kernel_exact():
-    from qalora.kernels import gpu
+    from qalora.kernels import gpu_matmul
 
     for bits in (2, 3, 4):
         for g in (32, 64, 128, 256):
             pw = _pw(96, 1280, bits, g, seed=bits + g)
-            w = gpu.dequant(pw, torch.float32)
+            w = gpu_matmul.dequant(pw, torch.float32)
             torch.testing.assert_close(w, reference_dequant(pw), rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(gpu.dequant(pw, torch.bfloat16), reference_dequant(pw).bfloat16())
+            torch.testing.assert_close(gpu_matmul.dequant(pw, torch.bfloat16), reference_dequant(pw).bfloat16())
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
 @pytest.mark.parametrize("m", [1, 8, 32])
 def test_dense_gemv(m):
-    from qalora.kernels import gpu
+    from qalora.kernels import gpu_matmul
 
     n, k = 320, 1024
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ w.double().t()
-    _check(gpu.dense_gemv(x, w), ref, torch.bfloat16)
+    _check(gpu_matmul.dense_gemv(x, w), ref, torch.bfloat16)
     out = torch.randn(m, n, device="cuda")
     o = out.clone()
-    gpu.dense_gemv(x, w, out=o, accumulate=True)
+    gpu_matmul.dense_gemv(x, w, out=o, accumulate=True)
     _check(o - out, ref, torch.bfloat16)
 
 

@@ -1,0 +1,233 @@
+"""GPU matmul entry points. The low-bit kernels are CUDA C++ (``lowbit_cuda.cu``, built on first use);
+the dense fp16/bf16 GEMV twin used by the benchmark's baseline is Triton. Importing this module
+needs neither a GPU nor triton.
+
+Shapes: x [M, K] (unit column stride), weights as :class:`~qalora.kernels.prepared.PreparedWeight`,
+outputs [M, N] ([M, N/2] for ``glu`` weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qalora.kernels.cuda_ext import ext
+from qalora.kernels.prepared import PreparedWeight
+
+SKINNY_MAX_M = 32  # rows above this dequantize then run cuBLAS
+EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
+MANY_TILES = 512  # 16-row tiles from which 4 warps per tile keep the SMs as busy as 8
+MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
+DEFAULT_STAGES = 2  # cp.async ring slots per warp: stages - 1 steps in flight while one is computed
+
+_EMPTY: dict[torch.device, torch.Tensor] = {}
+
+
+def _empty(device: torch.device) -> torch.Tensor:
+    """An fp32 [0] tensor standing for "no norm weight / no bias" (one per device, graph-safe)."""
+    t = _EMPTY.get(device)
+    if t is None:
+        t = _EMPTY[device] = torch.empty(0, dtype=torch.float32, device=device)
+    return t
+
+
+def default_warps(pw: PreparedWeight) -> int:
+    """Warps per 16-row tile, each taking a slice of K: 8 when the weight has few tiles (o, down
+    of LLaMA-7B: 256 tiles), 4 when it has many (qkv 768, gate_up 1376), so that either way the
+    SMs hold enough warps; never more than one per 256-column step. The best choice at M=1 on an
+    H100 (benchmarks/kernel_sweep.py); at M=8 qkv would rather have 8 (33.7 vs 38.0 us)."""
+    tiles, steps = pw.tiles.shape[0], pw.tiles.shape[1]
+    return max(1, min(MAX_WARPS if tiles < MANY_TILES else 4, steps))
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x with unit column stride, a row stride of a multiple of 16 bytes and a 16-byte aligned
+    base (the kernel reads 8 activations per 16-byte load)."""
+    per16 = 16 // x.element_size()
+    if x.stride(-1) != 1 or x.stride(0) % per16 or x.data_ptr() % 16:
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+    return x
+
+
+def gemv(
+    x: torch.Tensor,
+    pw: PreparedWeight,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    dtype: torch.dtype | None = None,
+    warps: int | None = None,
+    stages: int = DEFAULT_STAGES,
+) -> torch.Tensor:
+    """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias).
+
+    - ``norm_weight`` (fp32 [K]): x is an fp32 residual stream [M, K] and the input is
+      rmsnorm(x, eps) * norm_weight, fused into the kernel; ``dtype`` picks the compute dtype.
+    - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T (a residual add).
+    - a ``glu`` weight returns silu(gate) * up, [M, N/2].
+    - ``dtype``: compute/output dtype (fp16/bf16); defaults to x's dtype.
+    - ``warps`` per 16-row tile (1..8, each a slice of K) and ``stages`` (1..4) of each warp's
+      shared-memory load pipeline: tuning knobs, the defaults are the measured best on an H100.
+    """
+    m, k = x.shape
+    n = pw.out_features
+    if k != pw.in_features:
+        raise ValueError(f"x {tuple(x.shape)} does not match D_in={pw.in_features}")
+    if not 1 <= m <= SKINNY_MAX_M:
+        raise ValueError(f"gemv takes 1..{SKINNY_MAX_M} rows, got {m}")
+    if pw.tiles is None:
+        raise ValueError(f"no kernel layout for bits={pw.bits}, group_size={pw.group_size}")
+    dtype = dtype or x.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"compute dtype must be fp16 or bf16, not {dtype}")
+    if norm_weight is not None:
+        x = _aligned(x.float())
+        nw = norm_weight.float().contiguous()
+    else:
+        x, nw = _aligned(x.to(dtype)), _empty(x.device)
+    if accumulate:
+        if pw.glu or out is None or out.dtype != torch.float32 or tuple(out.shape) != (m, n) or out.stride(1) != 1:
+            raise ValueError("accumulate=True needs an fp32 out tensor [M, N] (and no glu)")
+        epi = EPI_ACCUM
+    else:
+        shape = (m, n // 2) if pw.glu else (m, n)
+        if out is None:
+            out = torch.empty(shape, device=x.device, dtype=dtype)
+        elif tuple(out.shape) != shape or out.dtype != dtype or out.stride(1) != 1:
+            raise ValueError(f"out must be {dtype} {shape} with unit column stride")
+        epi = EPI_GLU if pw.glu else EPI_STORE
+    bias = pw.bias if pw.bias is not None else _empty(x.device)
+    ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
+               warps or default_warps(pw), stages, dtype == torch.bfloat16)
+    return out
+
+
+def dequant(pw: PreparedWeight, dtype: torch.dtype, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The full weight [N, K] in ``dtype`` (fp16/bf16/fp32), kernel row order, one kernel."""
+    if pw.tiles is None:
+        raise ValueError(f"no kernel layout for bits={pw.bits}, group_size={pw.group_size}")
+    if out is None:
+        out = torch.empty(pw.out_features, pw.in_features, device=pw.tiles.device, dtype=dtype)
+    ext().dequant(pw.tiles, pw.coef, out, pw.bits, pw.log2_spg)
+    return out
+
+
+def glu_act(y: torch.Tensor) -> torch.Tensor:
+    """[M, 2F] in glu row order (blocks of 8 gate then 8 up) -> silu(gate) * up [M, F]."""
+    m, n2 = y.shape
+    y = y.view(m, n2 // 16, 2, 8)
+    return (F.silu(y[:, :, 0].float()) * y[:, :, 1].float()).to(y.dtype).reshape(m, n2 // 2)
+
+
+def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
+    """Dequantize to x's dtype, then cuBLAS (the large-M path)."""
+    w = dequant(pw, x.dtype)
+    y = F.linear(x, w, None if pw.bias is None else pw.bias.to(x.dtype))
+    return glu_act(y) if pw.glu else y
+
+
+def matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
+    """x [..., K] -> [..., N] (or [..., N/2] for glu): the skinny kernel up to SKINNY_MAX_M rows,
+    else dequant + cuBLAS."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = gemv(x2, pw) if x2.shape[0] <= SKINNY_MAX_M else dequant_matmul(x2, pw)
+    return y.reshape(*lead, y.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# dense fp16/bf16 twin (Triton): the benchmark's fused baseline
+
+
+@dataclass(frozen=True)
+class DenseGemvConfig:
+    block_n: int = 16
+    block_k: int = 512
+    split_k: int = 1
+    block_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+DENSE_TUNED: dict[tuple[int, int, int], DenseGemvConfig] = {}
+
+
+def m_bucket(m: int) -> int:
+    """1, 16, 32 or 64: the dense twin's M tile for ``m`` rows."""
+    if m <= 1:
+        return 1
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def dense_gemv(
+    x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None, accumulate: bool = False,
+    act: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+    dtype: torch.dtype | None = None, cfg: DenseGemvConfig | None = None,
+) -> torch.Tensor:
+    """fp16/bf16 ``w`` [N, K]: out = f(x) @ w^T with the same fusions as the low-bit decoder
+    (``act``: x = [gate | up] and the input is silu(gate) * up; ``norm_weight``: RMSNorm prologue
+    on an fp32 stream; ``accumulate``: fp32 out += through atomics)."""
+    import triton
+
+    from qalora.kernels import dense_gemv_triton as tk
+
+    tl_dtypes = {torch.float16: triton.language.float16, torch.bfloat16: triton.language.bfloat16}
+    m = x.shape[0]
+    n, k = w.shape
+    dtype = dtype or w.dtype
+    if cfg is None:
+        mb = m_bucket(m)
+        cfg = DENSE_TUNED.get((mb, n, k))
+        if cfg is None:
+            cfg = DenseGemvConfig(block_m=mb, block_n=16 if mb == 1 else 64, block_k=512 if mb == 1 else 128)
+            progs = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+            split = 1
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            while accumulate and progs * split < 4 * sms and k // (split * 2) >= cfg.block_k:
+                split *= 2
+            cfg = replace(cfg, split_k=split)
+    if accumulate:
+        target, atomic = out, True
+    elif cfg.split_k > 1:
+        target, atomic = torch.zeros(m, n, device=x.device, dtype=torch.float32), True
+    else:
+        out = torch.empty(m, n, device=x.device, dtype=dtype) if out is None else out
+        target, atomic = out, False
+    grid = (-(-n // cfg.block_n), cfg.split_k, -(-m // cfg.block_m))
+    tk._dense_gemv_kernel[grid](
+        x, w, target, norm_weight if norm_weight is not None else w, m, n, x.stride(0), w.stride(0),
+        target.stride(0), k, eps, K=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT_K=cfg.split_k, ACT=act, NORM=norm_weight is not None, ATOMIC=atomic, DOT=cfg.block_m > 1,
+        DOT_DTYPE=tl_dtypes[w.dtype], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if target is not out:
+        if out is None:
+            return target.to(dtype)
+        out.copy_(target)
+    return out
+
+
+def load_tuned(path: str | os.PathLike) -> None:
+    """Merge a tuned_configs.json (the dense twin's measured configs) into DENSE_TUNED."""
+    data = json.loads(Path(path).read_text())
+    for mb, n, k, cfg in data.get("dense", []):
+        DENSE_TUNED[(mb, n, k)] = DenseGemvConfig(**cfg)
+
+
+def _load_default_tuned() -> None:
+    # the packaged table (measured on an H100), then an override file, later entries winning
+    for path in (Path(__file__).with_name("tuned_configs.json"), os.environ.get("QALORA_TUNED_CONFIGS")):
+        if path and Path(path).is_file():
+            load_tuned(path)
+
+
+_load_default_tuned()

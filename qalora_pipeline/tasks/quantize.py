@@ -1,0 +1,24 @@
+"""Prefect task: the quantize stage (cached by model, calibration, params and code)."""
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from qalora.config import Params
+from qalora.manifest import sha256_file
+from qalora.model_io import source_identity
+from qalora.paths import resolve_model
+from qalora.quantize import quantize_to_folder
+from qalora_pipeline.tasks.stage_cache import StageResult, run_cached
+
+
+@task(name="quantize", cache_policy=NONE)
+def quantize_task(p: Params, calibration: Path) -> StageResult:
+    source = resolve_model(p.model.source)
+    gptq = p.quantize.method == "gptq"
+    material = {"params": p.quantize.model_dump(), "model": source_identity(source),
+                "calibration": sha256_file(calibration) if gptq else None}
+    return run_cached("quantize", p.quantize.tag, material, lambda out: quantize_to_folder(
+        source, out, p.quantize, calibration if gptq else None, trust_remote_code=p.model.trust_remote_code),
+                      code_module=__name__)
