@@ -29,6 +29,7 @@ from qalora.checkpoint import (
 )
 from qalora.config import CheckParams
 from qalora.data import alpaca_prompt
+from qalora.lowbit import cache_dequantized_for
 from qalora.figures import check_figures
 from qalora.manifest import atomic_output_dir, sha256_tensor, write_json_atomic, write_manifest
 
@@ -162,6 +163,13 @@ def _check_roundtrip(merged, tokenizer, merged_dir: Path) -> dict[str, Any]:
             "weights_file_identical": same_file}
 
 
+def _cache_dequantized(model: torch.nn.Module) -> None:
+    """Keep each low-bit layer's dequantized weight where :func:`cache_dequantized_for` says (on the CPU,
+    where the check runs, yes). Same values as the per-call path: both are ``dequantize(...).to(dtype)``."""
+    for layer in lowbit_layers(model).values():
+        layer.cache_dequantized = cache_dequantized_for(layer.qweight.device)
+
+
 def check_merge(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, params: CheckParams) -> dict[str, Any]:
     """Run all five checks; returns the report (``passed`` is the conjunction)."""
     base_dir, merged_dir = Path(base_dir), Path(merged_dir)
@@ -170,6 +178,8 @@ def check_merge(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str |
     load_adapter_into(unmerged, adapter_dir, base_identity=model_identity(base_dir))
     unmerged.eval()
     merged, merged_tok, _ = load_lowbit_model(merged_dir)
+    for model in (unmerged, merged):  # frozen: dequantize each layer once, not at every generated token
+        _cache_dequantized(model)
     tokenizer = tokenizer or merged_tok
     if tokenizer is None:
         raise ValueError(f"{base_dir} has no tokenizer: the logits check needs one for the prompts")

@@ -56,7 +56,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     keys = {k: f"tune.{k}" for k in ("steps", "lr", "rank", "alpha", "dropout", "micro_batch_size", "grad_accum",
                                      "max_seq_len", "warmup_steps", "seed", "dtype", "save_every", "device",
-                                     "gradient_checkpointing")}
+                                     "gradient_checkpointing", "dequant_cache")}
     p = _params(args, keys | {"data": "data.train"})
     manifest = tune(args.base, resolve_path(p.data.train), args.out, p.tune,
                     checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress)
@@ -259,7 +259,11 @@ def add_commands(sub) -> None:
     t.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 4)")
     t.add_argument("--save-every", type=int, help="checkpoint every N steps (default 10)")
     t.add_argument("--seed", type=int, help="seed for adapter init, data order and dropout (default 0)")
-    t.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype (default fp32; bf16 is slow on CPU)")
+    t.add_argument("--dtype", choices=["auto", "fp32", "bf16"],
+                   help="compute dtype (default auto: bf16 autocast on CUDA, exact fp32 on CPU, where bf16 is slow)")
+    t.add_argument("--dequant-cache", choices=["auto", "on", "off"],
+                   help="keep each frozen layer's dequantized weight (default auto: on CPU yes, on CUDA no, so the "
+                        "base stays low-bit in GPU memory)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     t.add_argument("--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory")
     _add_common(t)

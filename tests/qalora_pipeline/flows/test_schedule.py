@@ -189,7 +189,12 @@ def test_served_schedule_fires_skips_unchanged_inputs_and_retrains_on_new_data(p
                               300, proc, "retrained")
         assert "PROMOTED" in _outcome(api, retrained) or "REJECTED" in _outcome(api, retrained)
         assert _versions("tiny-qalora") == ["1", "2"]
-        states = {r.state_name for r in _runs(api)}
+        runs = _runs(api)
+        for r in runs:  # what happened, for `pytest -s` readers: name, state, due, started, outcome
+            started = f"{r.start_time:%H:%M:%S}" if r.start_time else "-"
+            print(f"{r.name:24s} {r.state_name:10s} due {r.expected_start_time:%H:%M:%S} started {started}",
+                  _outcome(api, r)[:80])
+        states = {r.state_name for r in runs}
         assert "Failed" not in states and "Crashed" not in states, states
     finally:
         proc.terminate()
