@@ -36,12 +36,13 @@ class RebuildError(ValueError):
 
 
 def _artifact_json(client, run_id: str, path: str) -> Any:
-    try:
-        local = client.download_artifacts(run_id, path, tempfile.mkdtemp(prefix="qalora-rebuild-"))
-    except Exception as e:  # MLflow raises its own and OSError types for a missing artifact
-        raise RebuildError(f"run {run_id} has no artifact {path} (registered before `qalora rebuild` existed?): "
-                           f"{type(e).__name__}") from None
-    return json.loads(Path(local).read_text())
+    with tempfile.TemporaryDirectory(prefix="qalora-rebuild-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception as e:  # MLflow raises its own and OSError types for a missing artifact
+            raise RebuildError(f"run {run_id} has no artifact {path} (registered before `qalora rebuild` existed?): "
+                               f"{type(e).__name__}") from None
+        return json.loads(Path(local).read_text())
 
 
 def recorded(registered_model: str, ref: str) -> dict[str, Any]:

@@ -81,6 +81,15 @@ def write_alpaca(path, n: int = 24):
 
 
 @pytest.fixture
+def fp_model_dir(tmp_path):
+    """A tiny fp LLaMA saved as an HF folder with the tiny tokenizer: the input of `qalora quantize`."""
+    d = tmp_path / "fp"
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
 def ext_cache(request, monkeypatch):
     """GPTQModel child processes reuse its C++ pack extension, built once into pytest's cache (~40 s)."""
     ext = request.config.cache.mkdir("gptqmodel_torch_extensions")

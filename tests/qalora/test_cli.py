@@ -2,17 +2,8 @@
 
 import json
 
-import pytest
 from conftest import tiny_llama, tiny_tokenizer, write_alpaca
 from qalora_pipeline.cli import main
-
-
-@pytest.fixture
-def fp_model_dir(tmp_path):
-    d = tmp_path / "fp"
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_stage_chain(tmp_path, fp_model_dir, capsys):

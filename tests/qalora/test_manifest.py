@@ -175,16 +175,6 @@ def test_check_output_path_says_whether_it_replaces(tmp_path):
 
 # --- the CLI: --out never destroys -----------------------------------------------------------------
 
-@pytest.fixture
-def fp_model_dir(tmp_path):
-    from conftest import tiny_llama, tiny_tokenizer
-
-    d = tmp_path / "fp"
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
 def _quantize(fp: Path, out: Path, bits: int = 4) -> int:
     from qalora_pipeline.cli import main
 
