@@ -131,7 +131,15 @@ class GateParams(_Section):
     require_bit_exact: bool = True
     max_logit_rel_error: float = Field(1e-3, gt=0)
     min_decode_speedup: float | None = Field(None, gt=0, description="low-bit vs fp16/fp32 decode tok/s at batch 1, same run; null = no rule")
-    metric_tolerance: float = Field(0.02, ge=0, description="allowed drop vs the champion on each eval metric")
+    metric_tolerance: float = Field(0.02, ge=0, description="allowed relative perplexity rise vs the champion; also the "
+                                    "allowed accuracy drop when either model has no per-question record")
+    # Accuracy is judged on the questions both models answered (qalora.paired): promote unless the challenger
+    # is significantly worse, and only when enough questions were asked to see a drop of max_accuracy_drop.
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="one-sided confidence of the paired test (McNemar)")
+    max_accuracy_drop: float = Field(0.05, gt=0, lt=1, description="the accuracy drop the gate must be able to detect "
+                                     "(80% power); a comparison that cannot fails as underpowered")
+    allow_underpowered: bool = Field(False, description="decide anyway when too few questions were compared "
+                                     "(the rule then passes with 'underpowered' in its message)")
     # The aggregates the no-regression rule compares. Per-subject MMLU slices (a few questions each at
     # CPU-sized limits) are noise: one question flips 50% of a 2-question subject, so gating on them
     # rejects good models at random. They stay run metrics and in eval.json.

@@ -81,7 +81,8 @@ def evaluate(
     Result keys: ``tasks`` (per task incl. every MMLU subject: metrics with stderr, n, n_total,
     num_fewshot, split), ``groups`` (mmlu and its 4 subject groups), ``metrics`` (flat
     ``name/metric`` floats for MLflow), ``timing`` (wall and CPU seconds, per 1,000 questions),
-    ``settings``, ``model``, ``versions``.
+    ``settings``, ``model``, ``versions``, ``answers`` (per task: every question's correctness and
+    doc hash, for the paired gate: :mod:`qalora.paired`).
     """
     import lm_eval
     import torch
@@ -138,11 +139,12 @@ def evaluate(
             wall0, cpu0 = time.perf_counter(), time.process_time()
             raw = simple_evaluate(
                 model=lm, tasks=built, num_fewshot=None, limit=lm_limit, samples=samples or None,
-                task_manager=tm, log_samples=False, random_seed=0, numpy_random_seed=seed,
+                task_manager=tm, log_samples=True, random_seed=0, numpy_random_seed=seed,
                 torch_random_seed=seed, fewshot_random_seed=seed,
             )
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         collect(result, raw, built)
+        result["answers"] = answers(raw.get("samples") or {}, chains)
         questions = sum(t["n"] for t in result["tasks"].values())
         result["timing"].update(
             lm_eval_wall_s=wall, lm_eval_cpu_s=cpu, questions=questions,
@@ -170,6 +172,20 @@ def evaluate(
         model.train()
     return jsonable(result)
 
+
+
+def answers(samples: Mapping[str, Sequence[Mapping[str, Any]]], chains: Mapping[str, Sequence[str]],
+            metric: str = "acc") -> dict[str, Any]:
+    """Per-question correctness from lm-eval's logged samples: ``{task: {"groups", "metric", "docs":
+    {doc_id: [0|1, doc hash (16 hex)]}}}`` for every task that reports ``metric``; ``chains[task]`` is
+    the task and its groups, innermost first. What :func:`qalora.paired.compare` pairs up."""
+    out: dict[str, Any] = {}
+    for task, rows in samples.items():
+        docs = {str(r["doc_id"]): [int(float(r[metric]) > 0.5), str(r.get("doc_hash", ""))[:16]]
+                for r in rows if metric in r}
+        if docs:
+            out[task] = {"groups": list(chains.get(task, [task])[1:]), "metric": metric, "docs": docs}
+    return out
 
 
 def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:

@@ -6,14 +6,17 @@ its rule with a message naming the figure (a stage that did not run proves nothi
 ``bit_exact``                    ``check.passed == 1`` (when ``gate.require_bit_exact``)
 ``logit_error``                  ``check.logits.max_rel_error <= gate.max_logit_rel_error``
 ``decode_speedup``               ``benchmark.decode_speedup.b1 >= gate.min_decode_speedup`` (when set)
-``no_regression.<metric>``       every eval metric of a ``gate.regression_tasks`` task or group (the
-                                 aggregates: MMLU overall and its 4 subject groups, each commonsense
-                                 task, wiki perplexity) present in both the run and the champion:
-                                 higher-is-better (acc, acc_norm, ...) >= champion - metric_tolerance,
-                                 lower-is-better (perplexity, ...) <= champion * (1 + metric_tolerance);
-                                 a single passing ``no_regression`` rule when there is no champion.
-                                 Per-subject MMLU figures are not gated (a 2-question slice moves in
-                                 steps of 50%); they stay in the run's metrics and eval.json.
+``no_regression.paired``         accuracy on the questions of ``gate.regression_tasks`` that both the run
+                                 and the champion answered (per-question records, :mod:`qalora.paired`):
+                                 fails when the challenger is significantly worse (exact one-sided
+                                 McNemar, ``gate.confidence``), or when the questions are too few to
+                                 detect a drop of ``gate.max_accuracy_drop`` at 80% power (unless
+                                 ``gate.allow_underpowered``); reports the difference with its interval.
+``no_regression.<metric>``       lower-is-better metrics (perplexity, ...) of the gated tasks present in
+                                 both: <= champion * (1 + metric_tolerance). Without per-question records
+                                 on both sides (a champion from before they existed) accuracies fall back
+                                 to >= champion - metric_tolerance, and the rule says it is unpaired.
+                                 A single passing ``no_regression`` rule when there is no champion.
 ``floor.<metric>``               ``figure >= gate.floors[metric]``
 ``max_perplexity.<metric>``      every ``eval.*perplexity*`` figure <= ``gate.max_perplexity`` (when set)
 """
@@ -27,6 +30,7 @@ from typing import Any
 
 from qalora.config import GateParams
 from qalora.figures import BIT_EXACT, DECODE_SPEEDUP, LOGIT_ERROR
+from qalora.paired import compare, gated_correctness
 
 _HIGHER = {"acc", "acc_norm", "accuracy", "exact_match", "em", "f1", "mcc", "mc1", "mc2", "bleu", "rouge1",
            "rouge2", "rougeL", "rougel"}
@@ -129,19 +133,57 @@ def _decode_speedup(figures: Mapping[str, Any], p: GateParams) -> dict[str, Any]
                  f"low-bit decode is {v:.3g}x fp at batch 1 ({'>=' if ok else '<'} gate.min_decode_speedup = {need:g})")
 
 
-def _no_regression(figures: Mapping[str, Any], champion: Mapping[str, Any] | None, p: GateParams) -> list[dict[str, Any]]:
+def _paired(answers: Mapping[str, Any] | None, champion_answers: Mapping[str, Any] | None,
+            p: GateParams) -> dict[str, Any] | None:
+    """The ``no_regression.paired`` rule, or None when either side has no gated per-question record."""
+    ours = gated_correctness(answers, p.regression_tasks)
+    theirs = gated_correctness(champion_answers, p.regression_tasks)
+    if not ours or not theirs:
+        return None
+    if not set(ours) & set(theirs):
+        return _rule("no_regression.paired", False, None, p.max_accuracy_drop,
+                     f"no question in common with the champion ({len(ours)} here, {len(theirs)} there: other tasks, "
+                     "limits or data); evaluate the same questions to compare")
+    cmp = compare(theirs, ours, p.confidence)
+    level = f"{cmp.confidence:.0%}"
+    effect = (f"challenger - champion = {cmp.delta:+.3f} [{cmp.ci_low:+.3f}, {cmp.ci_high:+.3f}] ({level} interval) on "
+              f"{cmp.n} paired questions ({cmp.champion_acc:.3f} -> {cmp.challenger_acc:.3f}; champion-only right "
+              f"{cmp.only_champion}, challenger-only {cmp.only_challenger}; one-sided McNemar p = {cmp.p_worse:.3g}; "
+              f"detectable drop {cmp.mdd:.3f} at 80% power)")
+    if cmp.p_worse < 1 - cmp.confidence:
+        passed, msg = False, f"significantly worse: {effect}"
+    elif cmp.mdd > p.max_accuracy_drop:
+        passed = p.allow_underpowered
+        msg = (f"underpowered: {cmp.n} questions can only detect a drop of {cmp.mdd:.3f}, more than "
+               f"gate.max_accuracy_drop = {p.max_accuracy_drop:g}; {effect}"
+               + (" (gate.allow_underpowered)" if passed else
+                  ". Evaluate more questions (evaluate.limit) or set gate.allow_underpowered"))
+    else:
+        passed, msg = True, f"not significantly worse: {effect}"
+    # value: the accuracy difference; the whole comparison rides along for reports and audits
+    return _rule("no_regression.paired", passed, cmp.delta, p.max_accuracy_drop, msg) | {"paired": cmp.as_dict()}
+
+
+def _no_regression(figures: Mapping[str, Any], champion: Mapping[str, Any] | None, p: GateParams,
+                   answers: Mapping[str, Any] | None = None,
+                   champion_answers: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     if champion is None:
         return [_rule("no_regression", True, None, None, "no champion yet")]
+    paired = _paired(answers, champion_answers, p)
     tol = p.metric_tolerance
     ours = {k for k in figures if is_gated(k, p.regression_tasks) and _number(figures, k) is not None}
     theirs = {k for k in champion if is_gated(k, p.regression_tasks) and _number(champion, k) is not None}
+    if paired is not None:  # accuracies are judged on the paired questions; perplexities stay per figure
+        ours = {k for k in ours if metric_direction(k) == "lower"}
+        theirs = {k for k in theirs if metric_direction(k) == "lower"}
+    rules = [paired] if paired is not None else []
     common = sorted(ours & theirs)
-    if not common:
+    if not common and not rules:
         msg = "no gated eval metric (gate.regression_tasks) in common with the champion"
         if theirs:
             msg += f" (champion has {', '.join(sorted(theirs)[:6])}{'...' if len(theirs) > 6 else ''})"
         return [_rule("no_regression", True, None, None, msg)]
-    rules = []
+    unpaired = " (unpaired: no per-question record on both sides)"
     for key in common:
         v, c = _number(figures, key), _number(champion, key)
         name = f"no_regression.{key}"
@@ -156,7 +198,7 @@ def _no_regression(figures: Mapping[str, Any], champion: Mapping[str, Any] | Non
         else:
             bound = c - tol
             ok = math.isfinite(v) and v >= bound
-            msg = f"{key} = {v:.4g} {'>=' if ok else '<'} champion {c:.4g} - {tol:g} = {bound:.4g}"
+            msg = f"{key} = {v:.4g} {'>=' if ok else '<'} champion {c:.4g} - {tol:g} = {bound:.4g}{unpaired}"
         rules.append(_rule(name, ok, v, bound, msg))
     missing = sorted(theirs - ours)
     if missing:
@@ -201,14 +243,16 @@ def _max_perplexity(figures: Mapping[str, Any], p: GateParams) -> list[dict[str,
     return rules
 
 
-def decide(figures: Mapping[str, float], champion: Mapping[str, float] | None, params: GateParams) -> dict[str, Any]:
-    """Apply every rule; ``passed`` only when all pass. ``champion`` is the champion's figures or None."""
+def decide(figures: Mapping[str, float], champion: Mapping[str, float] | None, params: GateParams,
+           answers: Mapping[str, Any] | None = None, champion_answers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Apply every rule; ``passed`` only when all pass. ``champion`` is the champion's figures or None;
+    ``answers`` / ``champion_answers`` the per-question records of both (eval.json's ``answers``), when kept."""
     figures = dict(figures or {})
     rules = [
         _bit_exact(figures, params),
         _logit_error(figures, params),
         _decode_speedup(figures, params),
-        *_no_regression(figures, champion, params),
+        *_no_regression(figures, champion, params, answers, champion_answers),
         *_floors(figures, params),
         *_max_perplexity(figures, params),
     ]

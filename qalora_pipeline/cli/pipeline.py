@@ -134,27 +134,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from qalora_pipeline.flows.local_server import local_server
+    from qalora_pipeline.flows.local_server import local_server, stop_runs
     from qalora_pipeline.flows.pipeline import qalora_pipeline
     from qalora.paths import state_dir
 
-    def serve() -> None:
-        qalora_pipeline.serve(
-            name=args.name, **({"cron": args.cron} if args.cron else {"interval": args.interval}),
-            parameters={"params_file": str(args.params), "overrides": args.set or [],
-                        "project_dir": str(Path(args.project_dir).resolve()), "scheduled": True},
-            # A run still going when the next is due: the new one is cancelled, never a second copy on the state.
-            limit=1, global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-        )
+    def serve(server_pid: int | None = None) -> None:
+        try:
+            qalora_pipeline.serve(
+                name=args.name, **({"cron": args.cron} if args.cron else {"interval": args.interval}),
+                parameters={"params_file": str(args.params), "overrides": args.set or [],
+                            "project_dir": str(Path(args.project_dir).resolve()), "scheduled": True},
+                # A run still going when the next is due: the new one is cancelled, never a second copy on the state.
+                limit=1, global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            )
+        finally:  # SIGTERM / Ctrl-C: a run in progress ends with serve (and before its server), not minutes later
+            if stopped := stop_runs(keep=server_pid):
+                print(f"qalora serve: stopped {len(stopped)} run process(es) still going", flush=True)
 
     if PREFECT_API_URL.value():
         serve()
         return 0
     home = state_dir() / "prefect"
-    with local_server(home, args.port) as url, temporary_settings({PREFECT_API_URL: url}):
-        print(f"qalora serve: local Prefect server (API, scheduler, UI) at {url.removesuffix('/api')}, state in "
+    with local_server(home, args.port) as server, temporary_settings({PREFECT_API_URL: server.url}):
+        print(f"qalora serve: local Prefect server (API, scheduler, UI) at {server.url.removesuffix('/api')}, state in "
               f"{home}; it stops with serve. Set PREFECT_API_URL to use your own server instead.", flush=True)
-        serve()
+        serve(server.pid)
     return 0
 
 

@@ -1,8 +1,14 @@
-"""A real local Prefect server for `qalora serve` when the user has none (``PREFECT_API_URL`` unset).
+"""The processes `qalora serve` owns: a real local Prefect server when the user has none
+(``PREFECT_API_URL`` unset), and the flow-run processes its runner starts.
 
 Prefect's ephemeral in-process API cannot schedule (its runner says so and never starts a run): the
 scheduler is a service of ``prefect server start``. So serve starts one, on loopback, with its
 database under ``$QALORA_HOME/prefect`` (runs and schedules survive a restart), and stops it on exit.
+
+Prefect's runner does not stop a run in progress when serve gets SIGTERM: the run's process kept
+tuning for minutes after serve's server was gone, failing to report, and held serve's stdout open
+(measured with Prefect 3.8.8). :func:`stop_runs` ends them first, while the server can still record
+that they crashed.
 """
 
 from __future__ import annotations
@@ -16,8 +22,15 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 STARTUP_TIMEOUT_S = 180
+RUN_STOP_GRACE_S = 30  # SIGTERM, then SIGKILL: the run's stage writes nothing half-done (atomic folders)
+
+
+class LocalServer(NamedTuple):
+    url: str  # the API URL, http://127.0.0.1:<port>/api
+    pid: int
 
 
 def free_port() -> int:
@@ -35,8 +48,8 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def local_server(home: Path, port: int | None = None) -> Iterator[str]:
-    """Start ``prefect server start`` on 127.0.0.1 with PREFECT_HOME=``home``; yield its API URL.
+def local_server(home: Path, port: int | None = None) -> Iterator[LocalServer]:
+    """Start ``prefect server start`` on 127.0.0.1 with PREFECT_HOME=``home``; yield its URL and pid.
 
     The server inherits the environment, so Prefect's own settings apply (e.g.
     PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS, 60 s by default: how often runs are scheduled).
@@ -60,7 +73,7 @@ def local_server(home: Path, port: int | None = None) -> Iterator[str]:
                 raise RuntimeError(f"the local Prefect server did not start on port {port} "
                                    f"(exit code {proc.poll()}); its log {log_path} ends:\n{tail}")
             time.sleep(1)
-        yield url
+        yield LocalServer(url, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -68,3 +81,26 @@ def local_server(home: Path, port: int | None = None) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop_runs(keep: int | None = None, grace_s: float = RUN_STOP_GRACE_S) -> list[int]:
+    """Stop every process this one started (flow runs and what they started), except ``keep`` (the local
+    server's pid) and its own: SIGTERM, ``grace_s`` to exit, then SIGKILL. Returns the pids stopped."""
+    import psutil
+
+    me = psutil.Process()
+    spared = set()
+    if keep is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            server = psutil.Process(keep)
+            spared = {keep, *(p.pid for p in server.children(recursive=True))}
+    procs = [p for p in me.children(recursive=True) if p.pid not in spared]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return [p.pid for p in procs]

@@ -145,27 +145,30 @@ def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any
         stages["merge"] = merge_task(stages["quantize"], stages["tune"])
         stages["check"] = check_task(p, stages["quantize"], stages["tune"], stages["merge"])
         extra: dict[str, Any] = {}
+        answers = None
         if p.benchmark.enabled:
             stages["benchmark"] = benchmark_task(p, stages["merge"])
             extra["latency"] = report.latency_rows(read_json(Path(stages["benchmark"].dir) / BENCH_RESULT,
                                                              "benchmark result"))
         if p.evaluate.enabled:
             stages["evaluate"] = evaluate_task(p, stages["merge"], paths["eval_dir"], paths["heldout"], data_md5)
-            extra["accuracy"] = report.accuracy_rows(read_json(Path(stages["evaluate"].dir) / EVAL_RESULT,
-                                                               "eval result"))
+            evaluated = read_json(Path(stages["evaluate"].dir) / EVAL_RESULT, "eval result")
+            extra["accuracy"] = report.accuracy_rows(evaluated)
+            answers = evaluated.get("answers")  # per question: what the paired no-regression rule compares
         summary = build_summary(run_name, lineage, stages, extra)
         for name, res in stages.items():
             series = {"loss": [(r["step"], r["loss"]) for r in summary["loss_curve"]]} if name == "tune" else None
             run.log_stage(name, res.metrics | {"cached": float(res.cached)},
                           artifacts=[f for f in Path(res.dir).glob("*.json")], series=series)
 
-        decision = gate.decide(summary["figures"], champion["figures"] if champion else None, p.gate)
+        decision = gate.decide(summary["figures"], champion["figures"] if champion else None, p.gate,
+                               answers, champion.get("answers") if champion else None)
         report_dir = root / "reports" / run_name
         report_md = report.write_report(report_dir, summary, decision)  # + summary.json, decision.json
         run.log_artifacts(report_dir, "report")
         registered = tracking.register_and_gate(run.run_id, Path(stages["merge"].dir),
                                                 p.tracking.registered_model, decision,
-                                                summary["figures"], lineage)
+                                                summary["figures"], lineage, answers)
     verdict = "PROMOTED to champion" if decision["passed"] else "REJECTED"
     lines = [f"gate: {verdict} ({p.tracking.registered_model} v{registered['version']})"]
     lines += [f"  {'ok  ' if r['passed'] else 'FAIL'} {r['rule']}: {r['message']}" for r in decision["rules"]]

@@ -17,7 +17,7 @@ from qalora import gate
 from qalora.config import GateParams
 from qalora.manifest import sha256_file
 from qalora_pipeline.tracking.registry import (
-    CHALLENGER, CHAMPION, FIGURE_PREFIX, FIGURES_ARTIFACT, GATE, PREVIOUS_CHAMPION, PROMOTE, PROMOTE_FORCED, ROLLBACK,
+    ANSWERS_ARTIFACT, CHALLENGER, CHAMPION, FIGURE_PREFIX, FIGURES_ARTIFACT, GATE, PREVIOUS_CHAMPION, PROMOTE, PROMOTE_FORCED, ROLLBACK,
     WEIGHTS_TAG, PromotionRefused, RegistryError, _alias_version, _move_champion, _reason, _registry_summary,
     _write_decision, log_lowbit_model, resolve_version,
 )
@@ -25,18 +25,22 @@ from qalora_pipeline.tracking.store import _client, _metric_value, _read_artifac
 
 
 def register_and_gate(run_id: str, merged_dir: Path, registered_model: str, decision: Mapping[str, Any],
-                      figures: Mapping[str, float], lineage: Mapping[str, Any]) -> dict[str, Any]:
+                      figures: Mapping[str, float], lineage: Mapping[str, Any],
+                      answers: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Log + register the merged low-bit model from run ``run_id`` and apply the gate ``decision``: the
     pipeline's automatic promotion (``promoted_via: gate``, recorded in the audit log like any move).
 
     The version's tags hold the decision, the failed rules, the lineage and the weights' sha256; the
     figures go to the run as ``gate/figures.json`` (what later gate checks read) next to
-    ``gate/decision.json`` (every rule). Returns ``{"version", "decision": "promoted"|"rejected",
+    ``gate/decision.json`` (every rule), and the per-question ``answers`` (when evaluated) as
+    ``gate/answers.json``, what later paired comparisons read. Returns ``{"version", "decision": "promoted"|"rejected",
     "previous_champion", "champion", "model_uri"}``: ``previous_champion`` is the champion before this
     decision, ``champion`` the one after it."""
     client = _client()
     info = log_lowbit_model(run_id, merged_dir)
     client.log_dict(run_id, {k: float(v) for k, v in figures.items() if _metric_value(v) is not None}, FIGURES_ARTIFACT)
+    if answers:
+        client.log_dict(run_id, dict(answers), ANSWERS_ARTIFACT)
     with contextlib.suppress(MlflowException):
         client.create_registered_model(
             registered_model, description="QA-LoRA fine-tuned, merged low-bit LLM (qalora); @champion serves.")
@@ -71,6 +75,12 @@ def version_figures(client: MlflowClient, mv) -> dict[str, float]:
     return dict(client.get_run(mv.run_id).data.metrics)
 
 
+def version_answers(client: MlflowClient, mv) -> dict[str, Any] | None:
+    """A version's per-question record (its run's ``gate/answers.json``), or None when it has none."""
+    stored = _read_artifact(client, mv.run_id, ANSWERS_ARTIFACT) if mv.run_id else None
+    return json.loads(stored) if stored is not None else None
+
+
 def _version_lineage(mv) -> dict[str, Any]:
     try:
         return json.loads(mv.tags.get("lineage", "{}"))
@@ -79,13 +89,13 @@ def _version_lineage(mv) -> dict[str, Any]:
 
 
 def champion(registered_model: str) -> dict[str, Any] | None:
-    """``{"version", "run_id", "figures", "lineage"}`` of ``<registered_model>@champion``, or None."""
+    """``{"version", "run_id", "figures", "answers", "lineage"}`` of ``<registered_model>@champion``, or None."""
     client = _client()
     mv = _alias_version(client, registered_model, CHAMPION)
     if mv is None:
         return None
     return {"version": str(mv.version), "run_id": mv.run_id, "figures": version_figures(client, mv),
-            "lineage": _version_lineage(mv)}
+            "answers": version_answers(client, mv), "lineage": _version_lineage(mv)}
 
 
 def _gate_check(client: MlflowClient, name: str, mv, params: GateParams) -> dict[str, Any]:
@@ -93,8 +103,9 @@ def _gate_check(client: MlflowClient, name: str, mv, params: GateParams) -> dict
     current = _alias_version(client, name, CHAMPION)
     version, champ = str(mv.version), (str(current.version) if current is not None else None)
     is_champion = champ == version
-    against = version_figures(client, current) if champ is not None and not is_champion else None
-    decision = gate.decide(version_figures(client, mv), against, params)
+    compared = champ is not None and not is_champion
+    decision = gate.decide(version_figures(client, mv), version_figures(client, current) if compared else None, params,
+                           version_answers(client, mv), version_answers(client, current) if compared else None)
     would = "keep" if is_champion else ("promote" if decision["passed"] else "reject")
     return {"registered_model": name, "version": version, "champion": champ,
             "compared_with": None if is_champion else champ, "would": would, **decision}

@@ -46,6 +46,7 @@ MODEL_NAME = "model"  # the logged model's name inside the run
 PYFUNC_FILE = Path(__file__).with_name("lowbit_pyfunc.py")
 FIGURE_PREFIX, RULE_PREFIX = "figure.", "gate.rule."  # figure.*: only on versions registered before gate/figures.json
 FIGURES_ARTIFACT = "gate/figures.json"  # on the pipeline run: the figures the gate decided on
+ANSWERS_ARTIFACT = "gate/answers.json"  # on the pipeline run: per-question correctness (qalora.paired)
 WEIGHTS_TAG = "weights_sha256"  # version tag: sha256 of model.safetensors, the served identity
 AUDIT_FILE, AUDIT_TAG = "registry_audit.jsonl", "audit_log"
 # How a version became champion (tag promoted_via, audit "action").

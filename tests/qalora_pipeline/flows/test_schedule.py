@@ -36,6 +36,23 @@ def env(prefect_server: str, state_dir: Path) -> dict[str, str]:
     return os.environ | {"PREFECT_API_URL": prefect_server, "QALORA_HOME": str(state_dir)}
 
 
+def _stop(proc: subprocess.Popen, timeout: float = 120) -> str:
+    """SIGTERM ``proc`` and return its output once it and every process holding its stdout (the runs it
+    started) have exited; past ``timeout`` seconds kill the whole tree and fail with what it printed."""
+    import psutil
+
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        for p in [*tree, psutil.Process(proc.pid)]:
+            p.kill()
+        out = proc.communicate()[0]
+        raise AssertionError(f"{proc.args[1]} or a process it started still running {timeout:.0f} s after SIGTERM: "
+                             f"{out[-4000:]}") from None
+
+
 def test_serve_registers_a_cron_deployment_of_the_pipeline(prefect_server, state_dir, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("name: served\n")
@@ -47,8 +64,7 @@ def test_serve_registers_a_cron_deployment_of_the_pipeline(prefect_server, state
         dep = deployment("served-test", timeout=150)
         assert proc.poll() is None, "serve must keep running to execute the scheduled runs"
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=60)
+        out = _stop(proc)
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * 1"], out
     assert dep.parameters == {"params_file": str(params), "overrides": ["tune.steps=2"],
                               "project_dir": str(tmp_path.resolve()), "scheduled": True}
@@ -90,8 +106,7 @@ def test_prefect_yaml_deploys_the_scheduled_pipeline_and_a_worker_runs_it(prefec
         done = _wait_for(prefect_server, lambda r: r.id == scheduled.id and r.state.is_final(), 300, worker,
                          "run by the worker")
     finally:
-        worker.terminate()
-        out, _ = worker.communicate(timeout=90)
+        out = _stop(worker)
     assert done.state_name == "Completed", out[-3000:]
     assert "PROMOTED" in _outcome(prefect_server, done)
 
@@ -149,8 +164,9 @@ def _versions(name: str) -> list[str]:
 
     from qalora.paths import state_dir
 
-    mlflow.set_tracking_uri(f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}")
-    return sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'"))
+    uri = f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}"  # this test's registry, whatever an earlier one set
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'"))
 
 
 @pytest.mark.slow
@@ -197,10 +213,42 @@ def test_served_schedule_fires_skips_unchanged_inputs_and_retrains_on_new_data(p
         states = {r.state_name for r in runs}
         assert "Failed" not in states and "Crashed" not in states, states
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=90)
+        out = _stop(proc)
     assert f"local Prefect server (API, scheduler, UI) at http://127.0.0.1:{port}" in out
     with pytest.raises(OSError):  # serve stopped its server
         import urllib.request
 
         urllib.request.urlopen(f"{api}/health", timeout=5)
+
+
+@pytest.mark.slow
+def test_stopping_serve_mid_run_exits_promptly_and_leaves_nothing_running(project, prefect_server, state_dir):
+    """SIGTERM to `qalora serve` while a scheduled run is tuning: serve and its run stop within a bounded
+    time (the run's process does not outlive serve), the run is not left 'Running', nothing is registered."""
+    from qalora_pipeline.flows.local_server import free_port
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    served_env = {k: v for k, v in env(prefect_server, state_dir).items() if k != "PREFECT_API_URL"}
+    served_env["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"
+    proc = subprocess.Popen(
+        [str(BIN / "qalora"), "serve", "--interval", "20", "--name", "every-20s", "--params",
+         str(project / "params.yaml"), "--set", "tune.steps=100000", "--project-dir", str(project),
+         "--port", str(port)],
+        env=served_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        running = _wait_for(api, lambda r: r.state_name == "Running", 300, proc, "running")
+        time.sleep(15)  # well into the stages
+    finally:
+        t0 = time.monotonic()
+        out = _stop(proc)
+    stopped_in = time.monotonic() - t0
+    print(f"serve stopped {stopped_in:.1f} s after SIGTERM (exit code {proc.returncode})")
+    assert proc.returncode == 0, out[-4000:]
+    assert _versions("tiny-qalora") == []
+    # The server is gone with serve; what it recorded stays in its database: restart one to read it.
+    from qalora_pipeline.flows.local_server import local_server
+    with local_server(state_dir / "prefect") as server:
+        final = next(r for r in _runs(server.url) if r.id == running.id)
+    print(f"the run stopped mid-way ends {final.state_name}: {final.state.message}")
+    assert final.state_name in ("Crashed", "Cancelled", "Failed"), (final.state_name, out[-4000:])

@@ -149,7 +149,7 @@ def test_first_promotion_serves_lowbit_text(home, folders):
                       "model_uri": f"models:/{name}/1"}
     assert aliases(name) == {"champion": "1", "challenger": "1"}
     champ = mt.champion(name)
-    assert champ == {"version": "1", "run_id": run_id, "figures": figs, "lineage": lineage()}
+    assert champ == {"version": "1", "run_id": run_id, "figures": figs, "answers": None, "lineage": lineage()}
     client = MlflowClient()
     mv = client.get_model_version(name, "1")
     assert mv.tags["decision"] == "promoted" and mv.tags["gate.passed"] == "true" and mv.tags["gate.failed"] == ""
