@@ -262,7 +262,8 @@ def _decision_blocks(decision: Mapping[str, Any]) -> list[tuple]:
     verdict = decision.get("decision") or ("promoted" if passed else "rejected")
     text = f"**Gate: {'PASSED' if passed else 'FAILED'}** — {verdict}"
     if decision.get("version") is not None:
-        text += f" (registered version {decision['version']})"
+        text += f" (registered version {decision['version']}"
+        text += f", compared with champion v{decision['compared_with']})" if decision.get("compared_with") else ")"
     if decision.get("failed"):
         text += f". Failed rules: {', '.join(decision['failed'])}"
     blocks = [("h", 2, "Gate decision"), ("p", text + ".")]

@@ -25,7 +25,7 @@ numerics.pin()
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from qalora import gate, report  # noqa: E402
+from qalora import report  # noqa: E402
 from qalora.bench import RESULT as BENCH_RESULT  # noqa: E402
 from qalora.check import REPORT as CHECK_REPORT  # noqa: E402
 from qalora.config import Params, load_params  # noqa: E402
@@ -104,7 +104,7 @@ def qalora_pipeline(
         return {"skipped": True, "message": msg, "champion": champion["version"]}
 
     with state_lock():
-        return _train_and_gate(p, root, data_md5, lineage, champion, log)
+        return _train_and_gate(p, root, data_md5, lineage, log)
 
 
 @contextlib.contextmanager
@@ -129,8 +129,7 @@ def state_lock() -> Iterator[None]:
             f.truncate(0)
 
 
-def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any], champion: dict[str, Any] | None,
-                    log) -> dict[str, Any]:
+def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any], log) -> dict[str, Any]:
     run_name = f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = {k: resolve_path(getattr(p.data, k), root) for k in ("train", "calibration", "heldout", "eval_dir")}
     with tracking.pipeline_run(p.tracking, run_name, p, lineage) as run:
@@ -161,14 +160,13 @@ def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any
             run.log_stage(name, res.metrics | {"cached": float(res.cached)},
                           artifacts=[f for f in Path(res.dir).glob("*.json")], series=series)
 
-        decision = gate.decide(summary["figures"], champion["figures"] if champion else None, p.gate,
-                               answers, champion.get("answers") if champion else None)
+        # Decided against the champion of the moment the registry is locked, not the one seen at the start.
+        registered = tracking.register_and_gate(run.run_id, Path(stages["merge"].dir), p.tracking.registered_model,
+                                                p.gate, summary["figures"], lineage, answers)
+        decision = registered["gate"]
         report_dir = root / "reports" / run_name
         report_md = report.write_report(report_dir, summary, decision)  # + summary.json, decision.json
         run.log_artifacts(report_dir, "report")
-        registered = tracking.register_and_gate(run.run_id, Path(stages["merge"].dir),
-                                                p.tracking.registered_model, decision,
-                                                summary["figures"], lineage, answers)
     verdict = "PROMOTED to champion" if decision["passed"] else "REJECTED"
     lines = [f"gate: {verdict} ({p.tracking.registered_model} v{registered['version']})"]
     lines += [f"  {'ok  ' if r['passed'] else 'FAIL'} {r['rule']}: {r['message']}" for r in decision["rules"]]

@@ -18,24 +18,26 @@ from qalora.config import GateParams
 from qalora.manifest import sha256_file
 from qalora_pipeline.tracking.registry import (
     ANSWERS_ARTIFACT, CHALLENGER, CHAMPION, FIGURE_PREFIX, FIGURES_ARTIFACT, GATE, PREVIOUS_CHAMPION, PROMOTE, PROMOTE_FORCED, ROLLBACK,
-    WEIGHTS_TAG, PromotionRefused, RegistryError, _alias_version, _move_champion, _reason, _registry_summary,
+    WEIGHTS_TAG, PromotionRefused, RegistryError, _alias_version, champion_lock, _move_champion, _reason, _registry_summary,
     _write_decision, log_lowbit_model, resolve_version,
 )
 from qalora_pipeline.tracking.store import _client, _metric_value, _read_artifact, version_lineage_tags
 
 
-def register_and_gate(run_id: str, merged_dir: Path, registered_model: str, decision: Mapping[str, Any],
+def register_and_gate(run_id: str, merged_dir: Path, registered_model: str, params: GateParams,
                       figures: Mapping[str, float], lineage: Mapping[str, Any],
                       answers: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Log + register the merged low-bit model from run ``run_id`` and apply the gate ``decision``: the
-    pipeline's automatic promotion (``promoted_via: gate``, recorded in the audit log like any move).
+    """Log + register the merged low-bit model from run ``run_id``, then gate it against the champion of
+    the moment, under :func:`champion_lock`: two runs finishing together are decided one after the other,
+    the second against the first if it was promoted. A pass is the pipeline's automatic promotion
+    (``promoted_via: gate``, recorded in the audit log like any move).
 
-    The version's tags hold the decision, the failed rules, the lineage and the weights' sha256; the
-    figures go to the run as ``gate/figures.json`` (what later gate checks read) next to
-    ``gate/decision.json`` (every rule), and the per-question ``answers`` (when evaluated) as
-    ``gate/answers.json``, what later paired comparisons read. Returns ``{"version", "decision": "promoted"|"rejected",
-    "previous_champion", "champion", "model_uri"}``: ``previous_champion`` is the champion before this
-    decision, ``champion`` the one after it."""
+    The figures go to the run as ``gate/figures.json`` and the per-question ``answers`` (when evaluated)
+    as ``gate/answers.json``: what this and later gate checks read. The version's tags hold the decision,
+    the failed rules, the lineage and the weights' sha256; every rule goes to ``gate/decision.json``.
+    Returns ``{"version", "decision": "promoted"|"rejected", "previous_champion", "champion", "model_uri",
+    "gate"}``: ``previous_champion`` is the champion compared against, ``champion`` the one after the
+    decision, ``gate`` the decision (``passed``, ``rules``, ``failed``, ``compared_with``)."""
     client = _client()
     info = log_lowbit_model(run_id, merged_dir)
     client.log_dict(run_id, {k: float(v) for k, v in figures.items() if _metric_value(v) is not None}, FIGURES_ARTIFACT)
@@ -48,19 +50,20 @@ def register_and_gate(run_id: str, merged_dir: Path, registered_model: str, deci
     mv = mlflow.register_model(info.model_uri, registered_model, tags=tags)
     version = str(mv.version)
     client.set_registered_model_alias(registered_model, CHALLENGER, version)
-    current = _alias_version(client, registered_model, CHAMPION)
-    previous = str(current.version) if current is not None else None
-    outcome = "promoted" if decision.get("passed") else "rejected"
-    _write_decision(client, registered_model, version, decision, outcome, previous)
-    if outcome == "promoted":
-        _move_champion(client, registered_model, version, GATE, f"pipeline run {run_id} passed the gate",
-                       decision=decision)
+    with champion_lock(client, registered_model):
+        decision = _gate_check(client, registered_model, mv, params)
+        previous = decision["champion"]
+        outcome = "promoted" if decision["passed"] else "rejected"
+        _write_decision(client, registered_model, version, decision, outcome, previous)
+        if outcome == "promoted":
+            _move_champion(client, registered_model, version, GATE, f"pipeline run {run_id} passed the gate",
+                           decision=decision)
     result = {"version": version, "decision": outcome, "previous_champion": previous,
               "champion": version if outcome == "promoted" else previous}
     client.set_tag(run_id, "qalora.model_version", f"{registered_model}/{version}")
     client.set_tag(run_id, "qalora.decision", outcome)
     client.log_dict(run_id, {"decision": dict(decision), "registry": result}, "gate/decision.json")
-    return result | {"model_uri": f"models:/{registered_model}/{version}"}
+    return result | {"model_uri": f"models:/{registered_model}/{version}", "gate": decision}
 
 
 def version_figures(client: MlflowClient, mv) -> dict[str, float]:
@@ -130,6 +133,12 @@ def promote(registered_model: str, version: str | int, params: GateParams, reaso
     reason = _reason(reason, required=True)
     client = _client()
     mv = resolve_version(client, registered_model, version)
+    with champion_lock(client, registered_model):
+        return _promote_locked(client, registered_model, mv, params, reason, force, actor)
+
+
+def _promote_locked(client: MlflowClient, registered_model: str, mv, params: GateParams, reason: str, force: bool,
+                    actor: str | None) -> dict[str, Any]:
     check = _gate_check(client, registered_model, mv, params)
     v = check["version"]
     if check["would"] == "keep":
@@ -151,6 +160,11 @@ def rollback(registered_model: str, reason: str | None = None, actor: str | None
     """Move ``champion`` back to ``previous-champion`` (no gate: it served before) and drop that alias.
     RegistryError when there is no champion or no previous-champion. Returns the audit entry."""
     client = _client()
+    with champion_lock(client, registered_model):
+        return _rollback_locked(client, registered_model, reason, actor)
+
+
+def _rollback_locked(client: MlflowClient, registered_model: str, reason: str | None, actor: str | None) -> dict[str, Any]:
     current = _alias_version(client, registered_model, CHAMPION)
     if current is None:
         raise RegistryError(f"{registered_model!r} has no champion alias: nothing to roll back "

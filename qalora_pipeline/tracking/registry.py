@@ -18,8 +18,13 @@ Audit log: one JSON line per champion move (``at``, ``by``, ``action``, ``versio
 ``reason``, ``run_id``, ``weights_sha256``, ``gate``) in ``registry_audit.jsonl``, an artifact of a
 dedicated run ``registry-audit-<model>`` (tag ``qalora.kind=registry-audit``) in the experiment of the
 first version moved; the registered-model tag ``audit_log`` holds its ``runs:/`` URI. Lines are only
-ever appended; one writer at a time is assumed (a person promoting while a pipeline run promotes
-could lose a line to the race, never rewrite one).
+ever appended.
+
+One mover at a time: every decision that may move ``champion`` (the pipeline's gate, ``promote``,
+``rollback``) runs inside :func:`champion_lock`, and the gate decides *inside* it against the champion
+of that moment. The lock is a registered model ``<model>.champion-lock`` (creating a registered model is
+atomic on every MLflow backend: a second create fails), so it holds across processes and machines
+sharing one MLflow server; it exists only while a move is being decided.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ import getpass
 import importlib.metadata
 import json
 import os
+import contextlib
+import socket
 import tempfile
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +116,50 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+LOCK_SUFFIX = ".champion-lock"
+LOCK_WAIT_S = 600  # how long a mover waits for another one
+LOCK_STALE_S = 900  # a lock older than this was left by a mover that died: taken over, and said so
+
+
+@contextlib.contextmanager
+def champion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S,
+                  stale_s: float = LOCK_STALE_S) -> Iterator[None]:
+    """Hold the right to decide and move ``champion`` of ``name`` (see the module docstring); waits up to
+    ``wait_s`` for another holder (RegistryError naming it past that), takes over a lock older than ``stale_s``."""
+    lock = name + LOCK_SUFFIX
+    holder = f"{current_user()}@{socket.gethostname()} pid {os.getpid()}"
+    deadline, delay = time.monotonic() + wait_s, 0.2
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": holder, "since": str(time.time())},
+                                           description=f"held while {name}'s champion is decided and moved")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            tags = client.get_registered_model(lock).tags
+        except MlflowException:  # released meanwhile
+            continue
+        age = time.time() - float(tags.get("since", "0") or 0)
+        if age > stale_s:
+            warnings.warn(f"taking over the champion lock of {name!r} left {age:.0f} s ago by {tags.get('holder')}",
+                          stacklevel=2)
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{name!r}'s champion is being moved by {tags.get('holder', 'another process')} "
+                                f"(lock {lock!r}, {age:.0f} s old); gave up after {wait_s:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
 
 
 def _fmt(v: Any) -> str:

@@ -16,7 +16,6 @@ from qalora_pipeline.cli import main
 from qalora.checkpoint import load_lowbit_model, load_tensors
 from qalora.config import GateParams, Params, TrackingParams
 from qalora.data import alpaca_prompt
-from qalora.gate import decide
 from qalora.manifest import sha256_file
 from qalora_pipeline import tracking as mt
 
@@ -54,14 +53,12 @@ def figures(**kw):
 
 
 def run_and_register(name: str, folder: Path, figs: dict, gate=GateParams(), lin=None):
-    """What the flow does: champion -> pipeline run -> decide -> register_and_gate."""
+    """What the flow does: pipeline run -> register_and_gate (which decides against the champion)."""
     tracking = TrackingParams(registered_model=name)
-    current = mt.champion(name)
     lin = lin or lineage()
     with mt.pipeline_run(tracking, f"run-{name}", Params(), lin) as run:
-        decision = decide(figs, current["figures"] if current else None, gate)
-        result = mt.register_and_gate(run.run_id, folder, name, decision, figs, lin)
-    return run.run_id, decision, result
+        result = mt.register_and_gate(run.run_id, folder, name, gate, figs, lin)
+    return run.run_id, result.pop("gate"), result
 
 
 def aliases(name: str) -> dict[str, str]:
