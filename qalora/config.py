@@ -172,14 +172,15 @@ class Params(_Section):
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid params in {origin}:"]
+    """One line: every offending key with what is wrong, ``; ``-separated."""
+    problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            problems.append(f"{key}: unknown key")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            problems.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid params in {origin}: " + "; ".join(problems)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -212,7 +213,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ParamsError(f"{path} is not valid YAML: {e}") from e
+            raise ParamsError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
         if not isinstance(raw, dict):
             raise ParamsError(f"{path}: top level must be a mapping of sections")
         origin = str(path)

@@ -7,6 +7,7 @@ so a crash never leaves a folder that a later stage could mistake for a finished
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -169,9 +170,19 @@ def atomic_output_dir(out: str | os.PathLike, stage: str, *, marker: str = MANIF
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_io_failure(e):  # disk full, file size limit, ...: say which artifact, and that nothing was left
+            raise OSError(f"writing {out} failed ({' '.join(str(e).split())}); nothing was written there, "
+                          f"free space and run again") from e
         raise
+
+
+def _is_io_failure(e: BaseException) -> bool:
+    """An OS write error, or safetensors' wrapping of one ("I/O error: ...")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO):
+        return True
+    return type(e).__name__ == "SafetensorError" and "I/O error" in str(e)
 
 
 def write_manifest(

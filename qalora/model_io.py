@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 # Projections of LLaMA-style blocks; the default QA-LoRA / quantization targets.
@@ -157,6 +158,9 @@ def load_base_model(
                 "pass a local folder or .gguf file"
             ) from e
         raise
+    except SafetensorError as e:  # a truncated download, a file cut by a full disk, a corrupt header
+        files = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) if path.is_dir() else "a weights file"
+        raise ValueError(f"{source}: {files} not readable (corrupt or truncated? re-download or re-save it): {e}") from e
     except (NotImplementedError, ValueError, RuntimeError, KeyError) as e:
         if "gguf_file" in kwargs:
             raise UnsupportedModelError(gguf_refusal(path, e)) from e

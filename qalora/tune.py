@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -105,6 +106,18 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _read_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint file {path} is not readable (corrupt or truncated?): {e}; delete "
+                         f"{path.parent} to resume from the checkpoint before it") from e
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the step was not taken."""
+
+
 def _load_checkpoint(ckpt: Path, model, optimizer, fingerprint: str) -> tuple[int, list]:
     state = read_json(ckpt / "trainer_state.json", "trainer state")
     if state["fingerprint"] != fingerprint:
@@ -113,11 +126,11 @@ def _load_checkpoint(ckpt: Path, model, optimizer, fingerprint: str) -> tuple[in
             f"delete {ckpt.parent} to start over"
         )
     params = [p for layer in adapter_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
-    weights = load_file(str(ckpt / "adapter.safetensors"))
+    weights = _read_checkpoint_file(ckpt / "adapter.safetensors")
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(weights[f"param.{i}"])
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    tensors = _read_checkpoint_file(ckpt / "optimizer.safetensors")
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("state."):
@@ -197,6 +210,14 @@ def tune(
             loss.backward()
             loss_sum += loss.item()
             tokens += int((batch["labels"] != -100).sum())
+        if not math.isfinite(loss_sum):
+            # The step is not taken: the adapter and the checkpoints on disk stay those of the last finite loss.
+            kept = _latest_checkpoint(ckpt_root)
+            raise NonFiniteLossError(
+                f"the loss became {loss_sum} at step {step + 1} (tune.lr = {params.lr:g}); stopped without "
+                f"taking that step; " + (f"the last good checkpoint is {kept} (step {int(kept.name.split('-')[1])})"
+                                         if kept else "no checkpoint was written before it")
+                + ": lower tune.lr or check the data")
         grad_norm = torch.nn.utils.clip_grad_norm_(
             trainable, params.max_grad_norm if params.max_grad_norm > 0 else float("inf")).item()
         optimizer.step()

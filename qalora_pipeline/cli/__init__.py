@@ -51,6 +51,33 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qalora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        message = _service_failure(e)
+        if message is None or os.environ.get("QALORA_DEBUG"):
+            raise
+        print(f"qalora {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _service_failure(e: Exception) -> str | None:
+    """One line for a service that could not be reached (MLflow, the Prefect API) or an OS error such as a
+    full disk; None for anything else (a bug: its traceback is worth seeing). Checks only modules already
+    imported, so it imports nothing."""
+    mlflow_exc = getattr(sys.modules.get("mlflow.exceptions"), "MlflowException", None)
+    if mlflow_exc is not None and isinstance(e, mlflow_exc):
+        text = " ".join(str(e).split())
+        if "Max retries exceeded" in text or "Failed to establish" in text or "Connection refused" in text:
+            url = text.split("API request to ", 1)[-1].split(" ", 1)[0]
+            return (f"the MLflow server is unreachable ({url.split('/api/', 1)[0]}; tracking.tracking_uri or "
+                    "MLFLOW_TRACKING_URI) after MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES); nothing was registered")
+        return f"MLflow: {text}"
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(e, httpx.TransportError):
+        return (f"the Prefect API is unreachable ({os.environ.get('PREFECT_API_URL') or 'PREFECT_API_URL'}): "
+                f"{e or type(e).__name__}; start it or unset PREFECT_API_URL to run without a server")
+    if isinstance(e, OSError):  # disk full, file too large, permission denied: the path is in the message
+        return str(e)
+    return None
 
 
 if __name__ == "__main__":

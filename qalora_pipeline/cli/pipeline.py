@@ -22,8 +22,14 @@ def orchestration_env() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     orchestration_env()
+    from qalora.config import load_params
+    from qalora_pipeline import data_version, tracking
     from qalora_pipeline.flows.pipeline import qalora_pipeline
 
+    # Bad params or data fail here, in one line, before Prefect starts a run (which logs a traceback).
+    params = load_params(args.params, args.set or [])
+    data_version.verify(Path(args.project_dir).resolve())
+    tracking.configure(params.tracking)  # an unreachable MLflow server fails here, before any training
     result = qalora_pipeline(params_file=str(args.params), overrides=args.set or [], project_dir=str(args.project_dir),
                              scheduled=args.scheduled)
     # Prefect logs only warnings to the console by default, so the decision is printed here too.
@@ -128,6 +134,17 @@ def cron_expression(value: str) -> str:
     return value
 
 
+def _seconds(value: str) -> float:
+    """argparse type: a finite interval > 0 seconds."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds > 0 (e.g. 3600 for hourly)")
+    return seconds
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the pipeline on a schedule; without PREFECT_API_URL, on a local Prefect server started here."""
     orchestration_env()
@@ -221,7 +238,7 @@ def add_commands(sub) -> None:
     common(s)
     when = s.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", type=cron_expression, help='cron expression in UTC, e.g. "0 3 * * 1" (Mondays 03:00)')
-    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS instead of on a cron")
+    when.add_argument("--interval", type=_seconds, metavar="SECONDS", help="run every SECONDS instead of on a cron")
     s.add_argument("--name", default="qalora-scheduled", help="deployment name")
     s.add_argument("--port", type=int, help="port of the local Prefect server started when PREFECT_API_URL is "
                                             "unset (default: a free port)")

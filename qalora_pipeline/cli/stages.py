@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,16 +92,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # --- eval -----------------------------------------------------------------------------------------
 
-def _parse_per_task(text: str | None, kind: type) -> Any:
-    """``5`` -> 5; ``mmlu=5,hellaswag=0`` -> {"mmlu": 5, "hellaswag": 0}; floats < 1 are fractions for limits."""
+def _parse_per_task(text: str | None, kind: type, flag: str) -> Any:
+    """``5`` -> 5; ``mmlu=5,hellaswag=0`` -> {"mmlu": 5, "hellaswag": 0}; floats < 1 are fractions for limits.
+    Shots (``kind`` int) must be >= 0, limits > 0; a bad value names ``flag`` and what is valid."""
     if text is None:
         return None
+    valid = ("an integer >= 0, or name=N,name=N" if kind is int
+             else "a count >= 1, a fraction in (0, 1), or name=K,name=K")
 
     def num(s: str):
         s = s.strip()
+        try:
+            value = int(s) if kind is int else float(s)
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: {s!r} is not a number; valid: {valid}") from None
+        if (kind is int and value < 0) or (kind is not int and not (value > 0 and math.isfinite(value))):
+            raise ValueError(f"{flag} {text!r}: {s} is out of range; valid: {valid}")
         if kind is int:
-            return int(s)
-        value = float(s)
+            return value
         return int(value) if value >= 1 and value.is_integer() and "." not in s else value
 
     if "=" not in text:
@@ -111,7 +120,7 @@ def _parse_per_task(text: str | None, kind: type) -> Any:
             continue
         key, sep, value = part.partition("=")
         if not sep:
-            raise ValueError(f"{text!r}: expected N or name=N,name=N")
+            raise ValueError(f"{flag} {text!r}: expected N or name=N,name=N")
         out[key.strip()] = num(value)
     return out
 
@@ -125,8 +134,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if args.model is None:
         raise ValueError("--model is required (a low-bit folder, a fp HF folder or a .gguf file)")
-    num_fewshot = _parse_per_task(args.num_fewshot, int)
-    limit = _parse_per_task(args.limit, float)
+    model = Path(args.model)
+    if not model.exists() and (model.is_absolute() or model.parent.is_dir() and model.parent != Path(".")):
+        raise FileNotFoundError(f"--model {args.model}: no such file or folder (a low-bit folder, a fp HF folder, "
+                                "a .gguf file or a cached hub id)")
+    num_fewshot = _parse_per_task(args.num_fewshot, int, "--num-fewshot")
+    limit = _parse_per_task(args.limit, float, "--limit")
     result = evaluate_path(
         args.model, tasks=args.tasks, adapter=args.adapter, tokenizer=args.tokenizer, dtype=args.dtype,
         device=args.device, trust_remote_code=args.trust_remote_code, json_out=args.json,
@@ -184,7 +197,14 @@ def add_eval(subparsers) -> argparse.ArgumentParser:
 # --- bench ----------------------------------------------------------------------------------------
 
 def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
+    """argparse type: ``1,8,32`` -> [1, 8, 32], each >= 1."""
+    try:
+        values = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers (e.g. 1,8,32)") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: every size must be >= 1 (e.g. 1,8,32)")
+    return values
 
 
 def add_bench(subparsers: Any) -> argparse.ArgumentParser:

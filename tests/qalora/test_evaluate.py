@@ -81,9 +81,9 @@ def test_task_names_and_aliases():
     assert selection.expand_tasks("commonsense,wikitext_ppl,arc_easy") == [*COMMONSENSE, "wiki_ppl"]
     with pytest.raises(ValueError, match="unknown task.*'sciq'"):
         selection.expand_tasks("mmlu,sciq")
-    assert _parse_per_task("5", int) == 5
-    assert _parse_per_task("mmlu=5, hellaswag=0", int) == {"mmlu": 5, "hellaswag": 0}
-    assert _parse_per_task("0.1", float) == 0.1 and _parse_per_task("200", float) == 200
+    assert _parse_per_task("5", int, "--num-fewshot") == 5
+    assert _parse_per_task("mmlu=5, hellaswag=0", int, "--num-fewshot") == {"mmlu": 5, "hellaswag": 0}
+    assert _parse_per_task("0.1", float, "--limit") == 0.1 and _parse_per_task("200", float, "--limit") == 200
     assert selection.default_fewshot("mmlu") == selection.default_fewshot("mmlu_anatomy") == 5
     assert selection.default_fewshot("hellaswag") == 0
 
@@ -344,6 +344,7 @@ def test_missing_data_error_names_path_and_command(tmp_path, state_dir, capsys):
         ev.evaluate(tiny_llama(), tiny_tokenizer(), "mmlu", data_dir=empty, progress=False)
     with pytest.raises(MissingEvalData, match=r"wiki_demo.txt does not exist.*qalora data build"):
         selection.check_data(["wiki_ppl"], empty)  # default held-out text under the (empty) state dir
+    (tmp_path / "never-loaded").mkdir()  # exists, so the data is what the CLI refuses (before loading it)
     assert cli_main(["eval", "--model", str(tmp_path / "never-loaded"), "--tasks", "hellaswag",
                      "--data-dir", str(empty)]) == 2
     assert "qalora data build" in capsys.readouterr().err
