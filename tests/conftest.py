@@ -148,3 +148,20 @@ def project(tmp_path, state_dir):
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
+
+
+def wait_until_up(url: str, proc, timeout: float = 240) -> None:
+    """Poll ``url`` until it answers 200, failing with ``proc``'s output if it exits or ``timeout`` passes."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(1)

@@ -5,14 +5,12 @@ ends up serving is the one the rule chooses whatever the timing, and the other s
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import save_tiny_base
+from conftest import save_tiny_base, wait_until_up
 from qalora_pipeline.flows.local_server import free_port
 
 BIN = Path(sys.executable).parent
@@ -44,15 +42,7 @@ def mlflow_server(tmp_path):
          "--artifacts-destination", str(tmp_path / "artifacts")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-            time.sleep(1)
+        wait_until_up(f"{url}/health", proc)
         yield url
     finally:
         proc.terminate()

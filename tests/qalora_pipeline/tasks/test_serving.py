@@ -4,14 +4,13 @@ POST with the completion the low-bit model itself generates, and a malformed req
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import mlflow
 import pytest
 
-from conftest import save_tiny_base
+from conftest import save_tiny_base, wait_until_up
 from qalora.config import GateParams, Params, TrackingParams
 from qalora_pipeline import tracking as mt
 from qalora_pipeline.flows.local_server import free_port
@@ -41,15 +40,7 @@ def test_mlflow_models_serve_answers_with_the_champions_completion(tmp_path, sta
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if httpx.get(f"{url}/ping", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-            time.sleep(1)
+        wait_until_up(f"{url}/ping", proc)
         ok = httpx.post(f"{url}/invocations", json={"inputs": [PROMPT], "params": {"max_new_tokens": 4}}, timeout=120)
         assert ok.status_code == 200, ok.text
         assert ok.json()["predictions"] == expected and isinstance(expected[0], str)
