@@ -152,6 +152,14 @@ class GateParams(_Section):
     max_perplexity: float | None = Field(None, gt=0)
 
 
+class ExportParams(_Section):
+    """Exports of a promoted model (qalora.export): each written next to the stages, its error measured
+    by its consumer, logged to MLflow under ``exports/<format>`` and stated in the report."""
+
+    formats: list[Literal["gguf", "hqq"]] = Field(default_factory=list, description="on promotion; [] = none")
+    max_new_tokens: int = Field(16, ge=1, description="greedy tokens compared per check prompt")
+
+
 class TrackingParams(_Section):
     tracking_uri: str | None = Field(None, description="MLflow URI; null = sqlite under $QALORA_HOME")
     experiment: str = "qalora"
@@ -168,6 +176,7 @@ class Params(_Section):
     benchmark: BenchmarkParams = Field(default_factory=BenchmarkParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     gate: GateParams = Field(default_factory=GateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
 
 

@@ -306,6 +306,26 @@ def _latency_blocks(latency: list[Mapping[str, Any]]) -> list[tuple]:
     return [("h", 2, "Latency"), ("table", keys, [[fmt(r.get(k)) for k in keys] for r in rows])]
 
 
+def _export_blocks(exports: Mapping[str, Any]) -> list[tuple]:
+    """One row per export and consumer: the error the format introduces against our fp32-zero model."""
+    rows = []
+    for fmt_name, rep in sorted((exports or {}).items()):
+        steps = (rep.get("weights") or {}).get("max_error_steps")
+        for consumer, c in sorted((rep.get("consumers") or {}).items()):
+            if "max_rel_error" in c:
+                agree = f"{c.get('greedy_identical_prompts')}/{c.get('prompts')}"
+                rows.append([fmt_name, rep.get("file"), fmt(steps), consumer, fmt(c["max_rel_error"]), agree])
+            else:
+                rows.append([fmt_name, rep.get("file"), fmt(steps), consumer, "-", c.get("skipped", "-")])
+    if not rows:
+        return []
+    return [("h", 2, "Exports"),
+            ("p", "Weight error in quantization steps of the source model; logits error and greedy agreement "
+                  "on the check prompts, each loaded by its consumer."),
+            ("table", ["format", "file", "weight error (steps)", "consumer", "logits rel error", "greedy identical"],
+             rows)]
+
+
 def _kv_blocks(title: str, mapping: Mapping[str, Any]) -> list[tuple]:
     if not mapping:
         return []
@@ -363,6 +383,7 @@ def write_report(folder: str | Path, summary: Mapping[str, Any], decision: Mappi
         blocks += _check_blocks(summary.get("check") or {})
         blocks += _accuracy_blocks(summary.get("accuracy") or {})
         blocks += _latency_blocks(summary.get("latency") or [])
+        blocks += _export_blocks(summary.get("exports") or {})
         blocks += _kv_blocks("Lineage", summary.get("lineage") or {})
         blocks += _kv_blocks("Paths", summary.get("paths") or {})
         (tmp / REPORT_MD).write_text(_md(blocks), encoding="utf-8")

@@ -37,6 +37,26 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def bpe_tokenizer():
+    """conftest's byte-level tokenizer plus 13 BPE merges, filling the tiny vocab (272): real GGUF
+    vocabularies have merges (llama.cpp requires them)."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    merges = [("\u0120", "t"), ("h", "e"), ("i", "n"), ("\u0120", "a"), ("e", "r"), ("o", "n"), ("\u0120t", "he"),
+              ("r", "e"), ("a", "t"), ("\u0120", "s"), ("e", "n"), ("o", "r"), ("\u0120", "c")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def tiny_llama_config(hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 272) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,

@@ -30,6 +30,7 @@ from qalora.bench import RESULT as BENCH_RESULT  # noqa: E402
 from qalora.check import REPORT as CHECK_REPORT  # noqa: E402
 from qalora.config import Params, load_params  # noqa: E402
 from qalora.evaluate import RESULT as EVAL_RESULT  # noqa: E402
+from qalora.export import REPORT as EXPORT_REPORT  # noqa: E402
 from qalora.figures import run_figures  # noqa: E402
 from qalora.manifest import code_version, git_state, package_versions, read_json, sha256_bytes  # noqa: E402
 from qalora.paths import resolve_path, state_dir  # noqa: E402
@@ -37,6 +38,7 @@ from qalora_pipeline import data_version, tracking  # noqa: E402
 from qalora_pipeline.tasks.benchmark import benchmark_task  # noqa: E402
 from qalora_pipeline.tasks.check import check_task  # noqa: E402
 from qalora_pipeline.tasks.evaluate import evaluate_task  # noqa: E402
+from qalora_pipeline.tasks.export import export_task  # noqa: E402
 from qalora_pipeline.tasks.merge import merge_task  # noqa: E402
 from qalora_pipeline.tasks.quantize import quantize_task  # noqa: E402
 from qalora_pipeline.tasks.stage_cache import StageResult  # noqa: E402
@@ -107,6 +109,19 @@ def qalora_pipeline(
         return _train_and_gate(p, root, data_md5, lineage, log)
 
 
+def _export(p: Params, merged: StageResult, run) -> dict[str, Any]:
+    """Export the merged model to each of ``export.formats``; each export's folder goes to the MLflow run
+    under ``exports/<format>``, so the champion's run carries them. Returns ``{format: export report}``."""
+    reports = {}
+    for fmt in p.export.formats:
+        res = export_task(p, merged, fmt)
+        run.log_stage(f"export-{fmt}", res.metrics | {"cached": float(res.cached)},
+                      artifacts=[Path(res.dir) / EXPORT_REPORT])
+        run.log_artifacts(res.dir, f"exports/{fmt}")
+        reports[fmt] = read_json(Path(res.dir) / EXPORT_REPORT, "export report")
+    return reports
+
+
 @contextlib.contextmanager
 def state_lock() -> Iterator[None]:
     """One training run at a time on a state dir: a second one (a scheduled run still going when the next
@@ -154,7 +169,10 @@ def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any
             evaluated = read_json(Path(stages["evaluate"].dir) / EVAL_RESULT, "eval result")
             extra["accuracy"] = report.accuracy_rows(evaluated)
             answers = evaluated.get("answers")  # per question: what the paired no-regression rule compares
-        summary = build_summary(run_name, lineage, stages, extra)
+        # Exports before registration: a model a format cannot hold fails the run before it can be promoted
+        # (a champion without its requested export would be worse than no promotion).
+        exports = _export(p, stages["merge"], run)
+        summary = build_summary(run_name, lineage, stages, extra) | {"exports": exports}
         for name, res in stages.items():
             series = {"loss": [(r["step"], r["loss"]) for r in summary["loss_curve"]]} if name == "tune" else None
             run.log_stage(name, res.metrics | {"cached": float(res.cached)},

@@ -14,29 +14,9 @@ from qalora.checkpoint import load_lowbit_model, lowbit_layers, save_lowbit_mode
 from qalora.export import ExportError, check_exportable, export_model
 from qalora.export import gguf as gguf_export
 from qalora.lowbit import dequantize
-from conftest import save_tiny_base
+from conftest import bpe_tokenizer, save_tiny_base
 
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?"]
-
-
-def bpe_tokenizer():
-    """conftest's byte-level tokenizer plus 13 BPE merges, filling the tiny vocab (272): real GGUF
-    vocabularies have merges (llama.cpp requires them)."""
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    merges = [("\u0120", "t"), ("h", "e"), ("i", "n"), ("\u0120", "a"), ("e", "r"), ("o", "n"), ("\u0120t", "he"),
-              ("r", "e"), ("a", "t"), ("\u0120", "s"), ("e", "n"), ("o", "r"), ("\u0120", "c")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def merged_like(tmp_path, bits=4, group_size=32, seed=0, **kw):

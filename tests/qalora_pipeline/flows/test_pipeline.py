@@ -128,3 +128,31 @@ def test_gate_compares_answers_question_by_question(project, prefect_server):
     assert "tune" in anyway["cached"] and "evaluate" in anyway["cached"]
     line = next(x for x in anyway["message"].splitlines() if "no_regression.paired" in x)
     assert "underpowered" in line and "(gate.allow_underpowered)" in line and "on 30 paired questions" in line
+
+
+def test_promotion_exports_the_champion_when_asked(project, prefect_server):
+    """export.formats: the promoted model is exported to GGUF and HQQ, each export folder is an MLflow
+    artifact of the run and the report states each export's measured error."""
+    import mlflow
+
+    from qalora_pipeline.flows.pipeline import qalora_pipeline
+    from qalora_pipeline import tracking as mlflow_tracking
+
+    from conftest import bpe_tokenizer, tiny_llama
+
+    fp = project.parent / "fp-bpe"  # GGUF carries BPE merges: the tokenizer needs some
+    tiny_llama().save_pretrained(fp)
+    bpe_tokenizer().save_pretrained(fp)
+    result = qalora_pipeline(params_file=str(project / "params.yaml"), project_dir=str(project),
+                             overrides=[f"model.source={fp}", "export.formats=[gguf, hqq]", "export.max_new_tokens=4"])
+    assert result["passed"]
+    run_id = mlflow_tracking.champion("tiny-qalora")["run_id"]
+    logged = {a.path for fmt in ("gguf", "hqq") for a in mlflow.MlflowClient().list_artifacts(run_id, f"exports/{fmt}")}
+    assert {"exports/gguf/model.gguf", "exports/gguf/export.json", "exports/hqq/export.json"} <= logged
+    gguf = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/exports/gguf/export.json"))
+    assert gguf["passed"] and gguf["consumers"]["transformers"]["prompts"] == 1  # the check prompt
+    report = Path(result["report"]).read_text()
+    section = report[report.index("## Exports"):]
+    assert "model.gguf" in section and "transformers" in section and "hqq-float32" in section
+    steps = f"{gguf['weights']['max_error_steps']:.4g}"
+    assert steps in section, (steps, section[:800])
