@@ -47,7 +47,8 @@ def register_and_gate(run_id: str, merged_dir: Path, registered_model: str, para
         client.create_registered_model(
             registered_model, description="QA-LoRA fine-tuned, merged low-bit LLM (qalora); @champion serves.")
     tags = {**version_lineage_tags(lineage), WEIGHTS_TAG: sha256_file(Path(merged_dir) / "model.safetensors")}
-    mv = mlflow.register_model(info.model_uri, registered_model, tags=tags)
+    mv = _interrupted_registration(client, registered_model, tags) or mlflow.register_model(
+        info.model_uri, registered_model, tags=tags)
     version = str(mv.version)
     client.set_registered_model_alias(registered_model, CHALLENGER, version)
     with champion_lock(client, registered_model):
@@ -64,6 +65,18 @@ def register_and_gate(run_id: str, merged_dir: Path, registered_model: str, para
     client.set_tag(run_id, "qalora.decision", outcome)
     client.log_dict(run_id, {"decision": dict(decision), "registry": result}, "gate/decision.json")
     return result | {"model_uri": f"models:/{registered_model}/{version}", "gate": decision}
+
+
+def _interrupted_registration(client: MlflowClient, name: str, tags: Mapping[str, str]):
+    """A version of the same weights and lineage that a killed run registered but never decided (no
+    ``decision`` tag): re-running adopts it, so the registry holds one version per build, not one per try."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and tag.{WEIGHTS_TAG} = '{tags[WEIGHTS_TAG]}'")
+    except MlflowException:
+        return None
+    same = [v for v in versions if "decision" not in v.tags
+            and all(v.tags.get(k) == str(val) for k, val in tags.items())]
+    return max(same, key=lambda v: int(v.version)) if same else None
 
 
 def version_figures(client: MlflowClient, mv) -> dict[str, float]:

@@ -129,11 +129,13 @@ def champion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S,
     """Hold the right to decide and move ``champion`` of ``name`` (see the module docstring); waits up to
     ``wait_s`` for another holder (RegistryError naming it past that), takes over a lock older than ``stale_s``."""
     lock = name + LOCK_SUFFIX
-    holder = f"{current_user()}@{socket.gethostname()} pid {os.getpid()}"
+    host = socket.gethostname()
+    holder = f"{current_user()}@{host} pid {os.getpid()}"
     deadline, delay = time.monotonic() + wait_s, 0.2
     while True:
         try:
-            client.create_registered_model(lock, tags={"holder": holder, "since": str(time.time())},
+            client.create_registered_model(lock, tags={"holder": holder, "host": host, "pid": str(os.getpid()),
+                                                       "since": str(time.time())},
                                            description=f"held while {name}'s champion is decided and moved")
             break
         except MlflowException as e:
@@ -144,9 +146,10 @@ def champion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S,
         except MlflowException:  # released meanwhile
             continue
         age = time.time() - float(tags.get("since", "0") or 0)
-        if age > stale_s:
-            warnings.warn(f"taking over the champion lock of {name!r} left {age:.0f} s ago by {tags.get('holder')}",
-                          stacklevel=2)
+        dead = tags.get("host") == host and not _pid_alive(int(tags.get("pid") or 0))  # killed on this machine
+        if dead or age > stale_s:
+            warnings.warn(f"taking over the champion lock of {name!r} left {age:.0f} s ago by {tags.get('holder')} "
+                          f"({'no longer running' if dead else 'stale'})", stacklevel=2)
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model(lock)
             continue
@@ -160,6 +163,18 @@ def champion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S,
     finally:
         with contextlib.suppress(MlflowException):
             client.delete_registered_model(lock)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _fmt(v: Any) -> str:
