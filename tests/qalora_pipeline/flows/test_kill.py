@@ -39,7 +39,7 @@ def test_kill_9_while_registering_then_rerun_keeps_one_version(project, state_di
         while not _lock_held(db):
             assert proc.poll() is None, "the run ended before it was seen holding the lock:\n" + log.read_text()[-3000:]
             assert time.monotonic() < deadline
-            time.sleep(0.01)
+            time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert _lock_held(db)  # the killed run left its lock behind
