@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from qalora import numerics
+from qalora.crash import crash_point
 
 MANIFEST = "manifest.json"
 _PACKAGES = ("qalora", "torch", "transformers", "safetensors", "gptqmodel", "gguf", "numpy")
@@ -159,12 +162,15 @@ def atomic_output_dir(out: str | os.PathLike, stage: str, *, marker: str = MANIF
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     check_output_path(out, stage, marker=marker, overwrite=overwrite)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    _sweep_dead_writers(out)
+    owner = _writer_tag(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=owner, suffix=".partial"))
     try:
         yield tmp
+        crash_point(f"{stage}.commit")
         if check_output_path(out, stage, marker=marker, overwrite=overwrite):
             # A fresh empty name, so a leftover from a crashed run (same pid in a container) cannot block.
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=owner, suffix=".old"))
             os.replace(out, old)  # a folder may replace an empty folder
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -176,6 +182,39 @@ def atomic_output_dir(out: str | os.PathLike, stage: str, *, marker: str = MANIF
             raise OSError(f"writing {out} failed ({' '.join(str(e).split())}); nothing was written there, "
                           f"free space and run again") from e
         raise
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")  # dots would break the name's fields
+
+
+def _writer_tag(out: Path) -> str:
+    """Prefix of this process's temporary siblings of ``out``: ``.<name>.<host>.<pid>.``, so a later
+    writer can tell a crashed writer's leftovers from a live one's."""
+    return f".{out.name}.{_host()}.{os.getpid()}."
+
+
+def _sweep_dead_writers(out: Path) -> None:
+    """Remove the ``.partial``/``.old`` siblings of ``out`` left by a writer on this host that is no
+    longer alive (killed mid-write). A live writer's, another host's or an unparseable name is kept."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        fields = p.name[len(out.name) + 2:].split(".")
+        if (p.suffix in (".partial", ".old") and len(fields) >= 3 and fields[0] == _host()
+                and fields[1].isdigit() and not pid_alive(int(fields[1]))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (someone else's process counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_io_failure(e: BaseException) -> bool:

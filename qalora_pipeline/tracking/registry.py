@@ -47,6 +47,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from qalora.manifest import pid_alive
 from qalora_pipeline.tracking.store import MAX_TAG, _client, _read_artifact, _text
 
 CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-champion"
@@ -146,7 +147,7 @@ def champion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S,
         except MlflowException:  # released meanwhile
             continue
         age = time.time() - float(tags.get("since", "0") or 0)
-        dead = tags.get("host") == host and not _pid_alive(int(tags.get("pid") or 0))  # killed on this machine
+        dead = tags.get("host") == host and not pid_alive(int(tags.get("pid") or 0))  # killed on this machine
         if dead or age > stale_s:
             warnings.warn(f"taking over the champion lock of {name!r} left {age:.0f} s ago by {tags.get('holder')} "
                           f"({'no longer running' if dead else 'stale'})", stacklevel=2)
@@ -163,18 +164,6 @@ def champion_lock(client: MlflowClient, name: str, wait_s: float = LOCK_WAIT_S,
     finally:
         with contextlib.suppress(MlflowException):
             client.delete_registered_model(lock)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _fmt(v: Any) -> str:

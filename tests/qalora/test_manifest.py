@@ -3,6 +3,7 @@ Output paths: a stage replaces only an earlier output of its own stage (``--out`
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -234,3 +235,22 @@ def test_cli_replaces_own_output_and_refuses_another_stages(tmp_path, fp_model_d
     assert main(["merge", "--base", str(q), "--adapter", str(tmp_path / "ad"), "--out", str(q)]) == 2
     assert "output of stage 'quantize'" in _one_line_refusal(capsys, q)
     assert json.loads((q / "manifest.json").read_text())["stage"] == "quantize"
+
+
+def test_a_dead_writers_leftovers_are_swept_a_live_ones_kept(tmp_path):
+    import subprocess
+
+    from qalora.manifest import _writer_tag
+
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: its pid is free (a reuse within this test is vanishingly unlikely)
+    host_prefix = _writer_tag(out).rsplit(".", 2)[0]  # ".out.<host>"
+    stale = [tmp_path / f"{host_prefix}.{dead_pid}.x1.partial", tmp_path / f"{host_prefix}.{dead_pid}.x2.old"]
+    live = tmp_path / f"{host_prefix}.{os.getppid()}.x3.partial"  # the parent process: alive
+    other_host = tmp_path / f".out.elsewhere.{dead_pid}.x4.partial"
+    for p in (*stale, live, other_host):
+        p.mkdir()
+        (p / "half.bin").write_bytes(b"x")
+    _write(out, "quantize")
+    assert _leftovers(tmp_path) == sorted([live.name, other_host.name])
