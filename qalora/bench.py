@@ -33,7 +33,7 @@ from qalora.figures import bench_figures
 from qalora.kernels import prepare_for_inference
 from qalora.lowbit import LowBitLinear
 from qalora.manifest import atomic_output_dir, write_json_atomic, write_manifest
-from qalora.model_io import set_submodule
+from qalora.model_io import UnsupportedModelError, set_submodule
 from qalora.quantizers.rtn import quantize_model_rtn
 
 RESULT = "bench.json"
@@ -165,34 +165,43 @@ def bench_gpu_source(src: Source, batches: list[int], prefills: list[int], dtype
 # CPU fallback (transformers forward)
 
 
-def _time(fn, reps: int) -> float:
+def _time(fn, reps: int, sync=lambda: None) -> float:
     ts = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         ts.append((time.perf_counter() - t0) * 1000)
     return statistics.median(ts)
 
 
 @torch.no_grad()
-def bench_cpu_model(model: Any, batches: list[int], prefills: list[int], steps: int = 8, reps: int = 3,
-                    log=print) -> dict[str, Any]:
-    """CPU figures for a transformers model with LowBitLinear layers: prepared kernels vs fp32."""
-    out: dict[str, Any] = {"steps": steps, "reps": reps}
+def bench_hf_model(model: Any, batches: list[int], prefills: list[int], steps: int = 8, reps: int = 3,
+                   log=print) -> dict[str, Any]:
+    """Figures for a transformers model with LowBitLinear layers, on the model's device, through
+    transformers' own forward (KV cache): our prepared kernels (``lowbit``) vs the same weights
+    dequantized into dense ``nn.Linear`` layers (``dense``), in the dtype of the model's float tensors."""
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out: dict[str, Any] = {"steps": steps, "reps": reps, "device": str(device),
+                           "dtype": str(dtype).removeprefix("torch.")}
     dense = copy.deepcopy(model)
     for name, mod in list(dense.named_modules()):
         if isinstance(mod, LowBitLinear):
-            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            lin.weight.data = mod.dequantized_weight()
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=device,
+                                  dtype=dtype)
+            lin.weight.data = mod.dequantized_weight().to(dtype)
             if mod.bias is not None:
-                lin.bias.data = mod.bias.float()
+                lin.bias.data = mod.bias.to(dtype)
             set_submodule(dense, name, lin)
     fast = prepare_for_inference(copy.deepcopy(model))
     vocab = model.config.vocab_size
     for mode, m in (("lowbit", fast), ("dense", dense)):
         res: dict[str, Any] = {"decode": {}, "prefill_ms": {}}
         for b in batches:
-            ids = torch.randint(0, vocab, (b, 8))
+            ids = torch.randint(0, vocab, (b, 8), device=device)
 
             def run() -> None:
                 pkv = None
@@ -201,12 +210,13 @@ def bench_cpu_model(model: Any, batches: list[int], prefills: list[int], steps: 
                     o = m(input_ids=x, past_key_values=pkv, use_cache=True)
                     pkv, x = o.past_key_values, o.logits[:, -1:].argmax(-1)
 
-            ms = _time(run, reps) / steps
+            run()  # warm-up: kernel compilation, allocator
+            ms = _time(run, reps, sync) / steps
             res["decode"][str(b)] = {"ms_per_step": ms, "tokens_per_s": b * 1000 / ms, "ms_per_token": ms / b}
-            log(f"[bench] cpu {mode:6s} decode b={b} {b * 1000 / ms:.1f} tok/s")
+            log(f"[bench] {device.type} {mode:6s} decode b={b} {b * 1000 / ms:.1f} tok/s")
         for t in prefills:
-            ids = torch.randint(0, vocab, (1, t))
-            res["prefill_ms"][str(t)] = _time(lambda: m(input_ids=ids, use_cache=False), reps)
+            ids = torch.randint(0, vocab, (1, t), device=device)
+            res["prefill_ms"][str(t)] = _time(lambda: m(input_ids=ids, use_cache=False), reps, sync)
         out[mode] = res
     out["ratio_lowbit_over_dense"] = {
         "decode": {b: out["lowbit"]["decode"][b]["tokens_per_s"] / out["dense"]["decode"][b]["tokens_per_s"]
@@ -278,10 +288,20 @@ def run_bench(
             out["model"] = {"synthetic": synthetic, "bits": bits, "group_size": group_size, **SYNTHETIC[synthetic]}
         else:
             m, _, quant = load_lowbit_model(model, dtype=torch.float32, device="cpu")
-            src = model_source(m, dev, dt)
-            del m
             lay = next(iter(quant["layers"].values()))
-            out["model"] = {"path": str(model), "bits": lay["bits"], "group_size": lay["group_size"]}
+            out["model"] = {"path": str(model), "model_type": m.config.model_type, "bits": lay["bits"],
+                            "group_size": lay["group_size"]}
+            try:
+                src = model_source(m, dev, dt)
+            except UnsupportedModelError as e:
+                # Not a LLaMA-layout block: timed through transformers' forward with our kernels instead.
+                del m
+                m, _, _ = load_lowbit_model(model, dtype=dt, device=dev)
+                out.update(harness="transformers", harness_reason=str(e).split(":")[0] + ": not LLaMA-layout")
+                out.update(bench_hf_model(m, list(batches), list(prefills), steps=min(steps, 16), reps=reps, log=log))
+                return out
+            del m
+        out["harness"] = "static-decoder"
         with torch.no_grad():
             out.update(bench_gpu_source(src, list(batches), list(prefills), dt, dense, context, steps, reps, log))
         return out
@@ -300,7 +320,8 @@ def run_bench(
     else:
         m, _, quant = load_lowbit_model(model, dtype=torch.float32, device="cpu")
         out["model"] = {"path": str(model)}
-    out.update(bench_cpu_model(m, list(batches), list(prefills), steps=min(steps, 8), reps=min(reps, 3), log=log))
+    out["harness"] = "transformers"
+    out.update(bench_hf_model(m, list(batches), list(prefills), steps=min(steps, 8), reps=min(reps, 3), log=log))
     return out
 
 

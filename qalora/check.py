@@ -29,6 +29,7 @@ from qalora.checkpoint import (
 )
 from qalora.config import CheckParams
 from qalora.data import alpaca_prompt
+from qalora.device import resolve_device
 from qalora.lowbit import cache_dequantized_for
 from qalora.figures import check_figures
 from qalora.manifest import atomic_output_dir, sha256_tensor, write_json_atomic, write_manifest
@@ -76,7 +77,9 @@ def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
 def _check_logits(unmerged, merged, tokenizer, p: CheckParams) -> dict[str, Any]:
     rel, max_abs, agree, compared = 0.0, 0.0, 0, 0
     encoded = [_prompt_ids(tokenizer, prompt) for prompt in p.prompts]  # every prompt, before any forward
+    device = next(merged.parameters()).device
     for ids in encoded:
+        ids = ids.to(device)
         ref = unmerged(ids).logits.double()
         out = merged(ids).logits.double()
         rel = max(rel, ((out - ref).norm() / ref.norm()).item())
@@ -129,10 +132,10 @@ def _check_deploy(merged, dtypes: tuple[torch.dtype, ...] = (torch.float32, torc
     backends: set[str] = set()
     g = torch.Generator().manual_seed(0)
     for name, layer in lowbit_layers(merged).items():
-        x = torch.randn(rows, layer.in_features, generator=g, dtype=torch.float64)
+        x = torch.randn(rows, layer.in_features, generator=g, dtype=torch.float64).to(layer.qweight.device)
         w = layer.dequantized_weight().double()
         # The deploy path adds the layer's bias (Qwen2 k_proj: biases of tens), so the reference does too.
-        bias = torch.zeros(layer.out_features, dtype=torch.float64) if layer.bias is None else layer.bias.double()
+        bias = torch.zeros_like(w[:, 0]) if layer.bias is None else layer.bias.double()
         ref = x @ w.t() + bias
         scale = x.abs() @ w.abs().t()  # |x| |W|: the magnitude the dot-product rounding scales with
         deploy = PreparedLowBitLinear.from_layer(layer)
@@ -171,13 +174,14 @@ def _cache_dequantized(model: torch.nn.Module) -> None:
 
 
 def check_merge(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, params: CheckParams) -> dict[str, Any]:
-    """Run all five checks; returns the report (``passed`` is the conjunction)."""
+    """Run all five checks on ``params.device``; returns the report (``passed`` is the conjunction)."""
     base_dir, merged_dir = Path(base_dir), Path(merged_dir)
+    device = resolve_device(params.device, key="check.device")
     codes, scales = _check_tensors(base_dir, merged_dir)
-    unmerged, tokenizer, _ = load_lowbit_model(base_dir)
+    unmerged, tokenizer, _ = load_lowbit_model(base_dir, device=device)
     load_adapter_into(unmerged, adapter_dir, base_identity=model_identity(base_dir))
     unmerged.eval()
-    merged, merged_tok, _ = load_lowbit_model(merged_dir)
+    merged, merged_tok, _ = load_lowbit_model(merged_dir, device=device)
     for model in (unmerged, merged):  # frozen: dequantize each layer once, not at every generated token
         _cache_dequantized(model)
     tokenizer = tokenizer or merged_tok
@@ -195,6 +199,7 @@ def check_merge(base_dir: str | Path, adapter_dir: str | Path, merged_dir: str |
         "failed": [k for k, c in checks.items() if not c["passed"]],
         "checks": checks,
         "inputs": {"base": str(base_dir), "adapter": str(adapter_dir), "merged": str(merged_dir)},
+        "device": device,
     }
 
 

@@ -87,6 +87,7 @@ class TuneParams(_Section):
 
 
 class CheckParams(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     rel_tol: float = Field(1e-3, gt=0, description="max relative L2 error, merged vs unmerged logits (fp32)")
     max_new_tokens: int = Field(16, ge=1)
     prompts: list[str] = Field(
@@ -119,6 +120,13 @@ class EvaluateParams(_Section):
     perplexity: bool = True
     perplexity_context: int = Field(512, ge=16)
     perplexity_max_tokens: int | None = Field(40_000, ge=16, description="first N tokens of the held-out text; null = all")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (bf16, weights kept low-bit) "
+                                                   "when there is one, else CPU (fp32)")
+    baselines: list[Literal["fp", "base"]] = Field(
+        default_factory=lambda: ["fp", "base"],
+        description="also score, on the same questions, the full-precision source model (fp) and the untuned "
+                    "quantized base (base): what quantization cost and what tuning bought. Cached by model, "
+                    "so each costs once per base")
 
     def limits(self) -> dict[str, int | None]:
         """The limit of every requested task."""

@@ -46,3 +46,9 @@ def dtype_name(name: str, device: str | torch.device = "cpu") -> str:
 def resolve_dtype(name: str = "auto", device: str | torch.device = "cpu") -> torch.dtype:
     """The torch dtype for ``name`` (see :func:`dtype_name`)."""
     return DTYPES[dtype_name(name, device)]
+
+
+def device_identity(device: str) -> str:
+    """What a stage's result depends on about ``device`` (a resolved name): the GPU model, or "cpu"
+    (whose numerics the stage key records separately: :mod:`qalora.numerics`). Part of cache keys."""
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"

@@ -8,6 +8,7 @@ from typing import Any
 
 from qalora.checkpoint import QUANT_CONFIG, load_lowbit_model, lowbit_layers, model_identity
 from qalora.device import resolve_device, resolve_dtype
+from qalora.lowbit import cache_dequantized_for
 from qalora.model_io import load_base_model
 from qalora.paths import resolve_model
 
@@ -52,10 +53,12 @@ def load_eval_model(
     info: dict[str, Any] = {"path": str(model), "dtype": str(torch_dtype).removeprefix("torch."), "device": device}
     if is_lowbit_folder(source):
         m, tok, quant = load_lowbit_model(source, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code)
-        # Evaluation never changes the weights: dequantize each layer once, not on every forward
-        # (1.8x faster on CPU; costs one fp copy of the weights, the same memory as the fp model).
+        # Evaluation never changes the weights. On CPU each layer dequantizes once, not at every forward
+        # (1.8x faster; one fp copy of the weights, the memory of the fp model); on a GPU the weights stay
+        # low-bit and each forward dequantizes per call (the Triton kernel): no resident full-precision copy.
+        cache = cache_dequantized_for(device)
         for layer in lowbit_layers(m).values():
-            layer.cache_dequantized = True
+            layer.cache_dequantized = cache
         layers = quant.get("layers", {})
         info.update(kind="lowbit", method=quant.get("method"), identity=model_identity(source),
                     bits=sorted({s["bits"] for s in layers.values()}),

@@ -31,13 +31,15 @@ from typing import Any
 
 from qalora.checkpoint import folder_input
 from qalora.config import EvaluateParams
-from qalora.eval_model import load_eval_model
+from qalora.device import resolve_device
+from qalora.eval_model import is_lowbit_folder, load_eval_model
 from qalora.eval_tasks import TASK_DIR, default_data_dir
 from qalora.eval_tasks.selection import (
     DEFAULT_TASKS, PPL_TASK, check_data, default_fewshot, expand_tasks, per_task, ppl_path, task_manager,
 )
 from qalora.lm_eval_bridge import collect, find_task, group_leaves, jsonable, lm_class, quiet_lm_eval
 from qalora.manifest import atomic_output_dir, sha256_file, write_json_atomic, write_manifest
+from qalora.model_io import source_identity
 
 RESULT = "eval.json"
 # Defaults of the Python API and ``qalora eval``: the params schema's (evaluate.*), one owner.
@@ -264,15 +266,20 @@ def format_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_to_folder(merged_dir: str | Path, out: str | Path, params: EvaluateParams, data_dir: str | Path,
-                       heldout: str | Path) -> dict[str, Any]:
-    """The evaluate stage: :func:`evaluate_path` on ``merged_dir`` with the params' tasks (plus ``wiki_ppl``
-    on ``heldout`` when ``params.perplexity``), limits and shots; writes ``eval.json`` and the manifest
-    (metrics: the result's flat ``task/metric`` figures) atomically to ``out``. Returns the manifest."""
+def evaluate_to_folder(model: str | Path, out: str | Path, params: EvaluateParams, data_dir: str | Path,
+                       heldout: str | Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The evaluate stage: :func:`evaluate_path` on ``model`` (the merged model, or a baseline: a low-bit
+    folder or a fp source) with the params' tasks (plus ``wiki_ppl`` on ``heldout`` when
+    ``params.perplexity``), limits and shots; writes ``eval.json`` and the manifest (metrics: the result's
+    flat ``task/metric`` figures) atomically to ``out``. Returns the manifest."""
     tasks = list(params.tasks) + ([PPL_TASK] if params.perplexity else [])
     with atomic_output_dir(out, "evaluate") as tmp:
-        result = evaluate_path(merged_dir, tasks, json_out=tmp / RESULT, data_dir=data_dir, ppl_text=heldout,
+        result = evaluate_path(model, tasks, json_out=tmp / RESULT, data_dir=data_dir, ppl_text=heldout,
+                               trust_remote_code=trust_remote_code,
                                num_fewshot=params.num_fewshot, limit=params.limits(), batch_size=params.batch_size,
-                               ppl_context=params.perplexity_context, ppl_max_tokens=params.perplexity_max_tokens)
-        return write_manifest(tmp, "evaluate", params.model_dump(), inputs={"merged": folder_input(merged_dir)},
+                               ppl_context=params.perplexity_context, ppl_max_tokens=params.perplexity_max_tokens,
+                               device=resolve_device(params.device, key="evaluate.device"))
+        source = (folder_input(model) if is_lowbit_folder(model)
+                  else {"path": str(model), "sha256": source_identity(model)})
+        return write_manifest(tmp, "evaluate", params.model_dump(), inputs={"model": source},
                               extra={"metrics": result["metrics"]})

@@ -13,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-STAGE_PREFIX = {"evaluate": "eval"}  # every other stage: its own name
+STAGE_PREFIX = {"evaluate": "eval", "evaluate_fp": "eval_fp", "evaluate_base": "eval_base"}  # others: own name
+# The run's evaluations, by model: the merged one, and the baselines scored on the same questions.
+EVALUATIONS = {"merged": "evaluate", "fp": "evaluate_fp", "base": "evaluate_base"}
+MMLU_GROUPS = ("mmlu", "mmlu_humanities", "mmlu_other", "mmlu_social_sciences", "mmlu_stem")
+DELTA_METRICS = ("acc", "acc_norm", "perplexity")  # the quality metrics the baseline deltas are taken of
 
 # Figures the gate reads by name.
 BIT_EXACT = "check.passed"
@@ -55,3 +59,26 @@ def bench_figures(result: Mapping[str, Any]) -> dict[str, float]:
     for b, ratio in (result.get("ratio_lowbit_over_dense") or {}).get("decode", {}).items():
         figures[f"decode_speedup.b{b}"] = ratio
     return figures
+
+
+def is_mmlu_subject(task: str) -> bool:
+    """One of MMLU's 57 subjects (a few questions each at CPU-sized limits), not MMLU or a subject group."""
+    return task.startswith("mmlu_") and task not in MMLU_GROUPS
+
+
+def baseline_deltas(figures: Mapping[str, float]) -> dict[str, float]:
+    """What quantization cost and tuning bought, for each task and metric all three models have:
+    ``delta.quantization.<task>.<metric>`` = untuned quantized base − fp model, ``delta.tuning.<task>.<metric>``
+    = merged − untuned base (accuracy: higher is better; perplexity: lower is better). MMLU subjects are left
+    out (their groups carry them)."""
+    out: dict[str, float] = {}
+    for name, merged in figures.items():
+        if not name.startswith("eval."):
+            continue
+        rest = name[len("eval."):]
+        task, _, metric = rest.rpartition(".")
+        fp, base = figures.get(f"eval_fp.{rest}"), figures.get(f"eval_base.{rest}")
+        if metric in DELTA_METRICS and not is_mmlu_subject(task) and fp is not None and base is not None:
+            out[f"delta.quantization.{rest}"] = base - fp
+            out[f"delta.tuning.{rest}"] = merged - base
+    return out

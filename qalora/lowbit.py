@@ -302,7 +302,7 @@ class FrozenLowBitMatmul(torch.autograd.Function):
 
 
 def cache_dequantized_for(device: torch.device | str, mode: str = "auto") -> bool:
-    """The one place that decides whether tuning keeps each frozen layer's dequantized weight.
+    """The one place that decides whether a frozen layer keeps its dequantized weight (tune, eval).
 
     ``"auto"``: yes on CPU (the exact fp32 path; memory is not the limit at the sizes tuned there,
     and re-dequantizing every call costs time), no on any accelerator (a resident full-precision

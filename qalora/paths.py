@@ -51,5 +51,10 @@ def resolve_path(spec: str, root: str | Path = ".") -> Path:
 
 
 def resolve_model(spec: str) -> str:
-    """The embedded default's GGUF path for ``EMBEDDED_MODEL``; other specs unchanged."""
-    return str(source_file(DEFAULT_GGUF)) if spec == EMBEDDED_MODEL else spec
+    """The embedded default's GGUF path for ``EMBEDDED_MODEL``, a file of the unpacked sources for
+    ``sources:REL``; other specs unchanged."""
+    if spec == EMBEDDED_MODEL:
+        return str(source_file(DEFAULT_GGUF))
+    if spec.startswith("sources:"):
+        return str(source_file(spec.removeprefix("sources:")))
+    return spec

@@ -1,8 +1,10 @@
 """Run report: ``report.md`` + ``report.html`` + PNG plots from a pipeline summary and gate decision.
 
 ``write_report(folder, summary, decision)`` renders the gate decision (every rule with value,
-threshold and pass/fail), every figure, the plots (loss curve, decode tokens/s by batch low-bit vs
-fp, accuracy by task, merge error vs tolerance), the bit-exactness check, lineage and paths.
+threshold and pass/fail), what quantization cost and tuning bought (fp, untuned quantized and merged
+model on the same questions), every figure but the per-subject MMLU ones, the plots (loss curve,
+decode tokens/s by batch low-bit vs fp, accuracy by task, the three models by task, merge error vs
+tolerance), the bit-exactness check, lineage and paths.
 Every section of ``summary`` is optional: a disabled stage just leaves its plot and table out.
 The inputs are saved next to the report as ``summary.json`` and ``decision.json``, so the folder
 alone re-renders it.
@@ -22,13 +24,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qalora.figures import is_mmlu_subject
 from qalora.manifest import atomic_output_dir
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 SUMMARY_JSON = "summary.json"
 DECISION_JSON = "decision.json"
-PLOTS = {"loss": "loss.png", "latency": "latency.png", "accuracy": "accuracy.png", "merge_error": "merge_error.png"}
+PLOTS = {"loss": "loss.png", "latency": "latency.png", "accuracy": "accuracy.png", "baselines": "baselines.png",
+         "merge_error": "merge_error.png"}
+# The three models a run scores on the same questions: (label, figure prefix).
+MODELS = (("fp", "eval_fp"), ("quantized, untuned", "eval_base"), ("merged (tuned)", "eval"))
 _OWN_FILES = {REPORT_MD, REPORT_HTML, SUMMARY_JSON, DECISION_JSON, *PLOTS.values()}
 
 
@@ -49,6 +55,27 @@ def accuracy_rows(eval_result: Mapping[str, Any]) -> dict[str, dict[str, float]]
     rows = (eval_result.get("groups") or {}) | {t: m for t, m in (eval_result.get("tasks") or {}).items()
                                                 if not t.startswith("mmlu_")}
     return {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in rows.items()}
+
+
+def baseline_rows(figures: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One row per task and metric scored on all three models (``delta.*`` figures present): the three
+    values, quantization cost (untuned − fp), tuning gain (merged − untuned), the merged model's stderr."""
+    rows = []
+    for name, cost in sorted(figures.items()):
+        if not name.startswith("delta.quantization."):
+            continue
+        rest = name[len("delta.quantization."):]
+        task, _, metric = rest.rpartition(".")
+        rows.append({"task": task, "metric": metric, **{label: figures.get(f"{prefix}.{rest}") for label, prefix in MODELS},
+                     "quantization cost": cost, "tuning gain": figures.get(f"delta.tuning.{rest}"),
+                     "stderr": figures.get(f"eval.{rest}_stderr")})
+    return rows
+
+
+def _per_subject(figure: str) -> bool:
+    """An MMLU-subject figure (``eval.mmlu_anatomy.acc``): kept in eval.json and MLflow, not the report."""
+    head, _, rest = figure.partition(".")
+    return head in {prefix for _, prefix in MODELS} and is_mmlu_subject(rest.rpartition(".")[0])
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -208,6 +235,32 @@ def plot_accuracy(path: Path, accuracy: Mapping[str, Mapping[str, Any]]) -> bool
     return True
 
 
+def plot_baselines(path: Path, figures: Mapping[str, float]) -> bool:
+    """fp, untuned quantized and merged side by side per task: accuracy (acc) and perplexity panels."""
+    rows = baseline_rows(figures)
+    panels = [(m, [r for r in rows if r["metric"] == m]) for m in ("acc", "perplexity")]
+    panels = [(m, rs) for m, rs in panels if rs]
+    if not panels:
+        return False
+    width_in = max(6.0, 1.5 + sum(1.0 * len(rs) for _, rs in panels))
+    fig = _figure(width_in, 4.0)
+    for k, (metric, rs) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        width = 0.8 / len(MODELS)
+        for i, (label, _) in enumerate(MODELS):
+            xs = [j + (i - 1) * width for j in range(len(rs))]
+            values = [_num(r[label]) for r in rs]
+            ax.bar(xs, [math.nan if v is None else v for v in values], width, label=label)
+        ax.set_xticks(range(len(rs)), [r["task"] for r in rs], rotation=30, ha="right")
+        ax.set_ylabel("accuracy" if metric == "acc" else "perplexity (lower is better)")
+        ax.grid(axis="y", alpha=0.3)
+        if k == 0:
+            ax.legend(fontsize=8)
+    fig.suptitle("What quantization cost and tuning bought (same questions)")
+    fig.savefig(path)
+    return True
+
+
 def _merge_error_rows(summary: Mapping[str, Any]) -> list[tuple[str, float, float]]:
     """(label, value, tolerance) pairs: errors and their bounds, from the check report or the figures."""
     figures = summary.get("figures") or {}
@@ -298,6 +351,18 @@ def _accuracy_blocks(accuracy: Mapping[str, Any]) -> list[tuple]:
             ("table", ["task", *keys], [[t, *(fmt(m.get(k)) for k in keys)] for t, m in sorted(tasks.items())])]
 
 
+def _baseline_blocks(figures: Mapping[str, float]) -> list[tuple]:
+    rows = baseline_rows(figures)
+    if not rows:
+        return []
+    keys = ["task", "metric", *(label for label, _ in MODELS), "quantization cost", "tuning gain", "stderr"]
+    return [("h", 2, "What quantization cost and tuning bought"),
+            ("p", "The fp source model, the untuned quantized base and the merged model on the same questions. "
+                  "Quantization cost = untuned − fp; tuning gain = merged − untuned (accuracy: higher is better; "
+                  "perplexity: lower). A difference within about two stderr of the merged model's is noise."),
+            ("table", keys, [[fmt(r[k]) for k in keys] for r in rows])]
+
+
 def _latency_blocks(latency: list[Mapping[str, Any]]) -> list[tuple]:
     rows = [r for r in latency or [] if isinstance(r, Mapping)]
     if not rows:
@@ -362,10 +427,12 @@ def write_report(folder: str | Path, summary: Mapping[str, Any], decision: Mappi
             "loss": plot_loss(tmp / PLOTS["loss"], summary.get("loss_curve") or []),
             "latency": plot_latency(tmp / PLOTS["latency"], summary.get("latency") or []),
             "accuracy": plot_accuracy(tmp / PLOTS["accuracy"], summary.get("accuracy") or {}),
+            "baselines": plot_baselines(tmp / PLOTS["baselines"], figures),
             "merge_error": plot_merge_error(tmp / PLOTS["merge_error"], summary),
         }
         captions = {"loss": "Tuning loss by step", "latency": "Decode tokens/s by batch size, low-bit vs fp",
-                    "accuracy": "Accuracy by task", "merge_error": "Merge error vs tolerance, zero shift"}
+                    "accuracy": "Accuracy by task", "baselines": "fp vs untuned quantized vs merged, by task",
+                    "merge_error": "Merge error vs tolerance, zero shift"}
         blocks: list[tuple] = [("h", 1, f"qalora run report: {run_name}")]
         blocks += _decision_blocks(decision)
         plots = [("img", PLOTS[k], captions[k]) for k, ok in made.items() if ok]
@@ -375,9 +442,14 @@ def write_report(folder: str | Path, summary: Mapping[str, Any], decision: Mappi
             blocks += plots
             if skipped:
                 blocks.append(("p", f"Not plotted (no data in this run): {', '.join(skipped)}."))
+        blocks += _baseline_blocks(figures)
         blocks.append(("h", 2, "Figures"))
-        if figures:
-            blocks.append(("table", ["figure", "value"], [[k, fmt(v)] for k, v in sorted(figures.items())]))
+        shown = {k: v for k, v in figures.items() if not _per_subject(k)}
+        if shown:
+            blocks.append(("table", ["figure", "value"], [[k, fmt(v)] for k, v in sorted(shown.items())]))
+            if len(shown) < len(figures):
+                blocks.append(("p", f"{len(figures) - len(shown)} per-subject MMLU figures are in eval.json and on "
+                                    "the MLflow run, not here: a few questions each, they are noise one by one."))
         else:
             blocks.append(("p", "No figures were recorded."))
         blocks += _check_blocks(summary.get("check") or {})

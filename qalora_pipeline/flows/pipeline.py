@@ -31,9 +31,10 @@ from qalora.check import REPORT as CHECK_REPORT  # noqa: E402
 from qalora.config import Params, load_params  # noqa: E402
 from qalora.evaluate import RESULT as EVAL_RESULT  # noqa: E402
 from qalora.export import REPORT as EXPORT_REPORT  # noqa: E402
-from qalora.figures import run_figures  # noqa: E402
+from qalora.figures import EVALUATIONS, baseline_deltas, run_figures  # noqa: E402
 from qalora.manifest import code_version, git_state, package_versions, read_json, sha256_bytes  # noqa: E402
-from qalora.paths import resolve_path, state_dir  # noqa: E402
+from qalora.model_io import source_identity  # noqa: E402
+from qalora.paths import resolve_model, resolve_path, state_dir  # noqa: E402
 from qalora_pipeline import data_version, tracking  # noqa: E402
 from qalora_pipeline.tasks.benchmark import benchmark_task  # noqa: E402
 from qalora_pipeline.tasks.check import check_task  # noqa: E402
@@ -69,8 +70,15 @@ def _history(adapter: StageResult) -> list[dict[str, float]]:
     return [{"step": r["step"], "loss": r["loss"]} for r in map(json.loads, lines)]
 
 
+def _source(p: Params) -> StageResult:
+    """The full-precision source model as a stage input (its content hash is its key)."""
+    source = resolve_model(p.model.source)
+    return StageResult("source", source, source_identity(source), cached=True)
+
+
 def build_summary(run_name: str, lineage: dict, stages: dict[str, StageResult], extra: dict[str, Any]) -> dict[str, Any]:
     figures = run_figures({name: res.metrics for name, res in stages.items()})  # each figure once, by its name
+    figures |= baseline_deltas(figures)  # what quantization cost, what tuning bought (with baselines)
     check = read_json(Path(stages["check"].dir) / CHECK_REPORT, "check report")
     return {
         "run_name": run_name, "figures": figures, "loss_curve": _history(stages["tune"]),
@@ -169,6 +177,10 @@ def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any
             evaluated = read_json(Path(stages["evaluate"].dir) / EVAL_RESULT, "eval result")
             extra["accuracy"] = report.accuracy_rows(evaluated)
             answers = evaluated.get("answers")  # per question: what the paired no-regression rule compares
+            for variant in p.evaluate.baselines:  # the same questions for the fp source and the untuned base
+                model = stages["quantize"] if variant == "base" else _source(p)
+                stages[EVALUATIONS[variant]] = evaluate_task(p, model, paths["eval_dir"], paths["heldout"],
+                                                             data_md5, variant)
         # Exports before registration: a model a format cannot hold fails the run before it can be promoted
         # (a champion without its requested export would be worse than no promotion).
         exports = _export(p, stages["merge"], run)
@@ -177,6 +189,7 @@ def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any
             series = {"loss": [(r["step"], r["loss"]) for r in summary["loss_curve"]]} if name == "tune" else None
             run.log_stage(name, res.metrics | {"cached": float(res.cached)},
                           artifacts=[f for f in Path(res.dir).glob("*.json")], series=series)
+        run.log_metrics({k: v for k, v in summary["figures"].items() if k.startswith("delta.")})
 
         # Decided against the champion of the moment the registry is locked, not the one seen at the start.
         registered = tracking.register_and_gate(run.run_id, Path(stages["merge"].dir), p.tracking.registered_model,

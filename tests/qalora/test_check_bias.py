@@ -117,3 +117,13 @@ def test_check_merge_names_the_prompt_and_tokenizer(tmp_path):
     _empty_vocab_tokenizer().save_pretrained(base)  # tokenizer files are not tensors: the base still loads
     with pytest.raises(ValueError, match=r"'Hi there' tokenizes to zero tokens with the tokenizer \w+ \(.*base\)"):
         check_merge(base, adapter, merged, CheckParams(prompts=["Hi there"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_check_on_cuda_passes_with_large_biases(tmp_path):
+    """check.device=cuda: both models and the deploy paths on the GPU, the same five checks passing."""
+    base, adapter, merged = make_merged(tmp_path, 4)
+    report = check_merge(base, adapter, merged, CheckParams(device="cuda", max_new_tokens=4, prompts=["a", "bc"]))
+    assert report["device"] == "cuda" and report["passed"], report["failed"]
+    assert set(report["checks"]["deploy"]["backends"]) <= {"cuda", "dequant"}

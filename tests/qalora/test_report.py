@@ -83,7 +83,7 @@ def test_passed_decision_and_rerender_in_place(tmp_path):
 def test_empty_summary_skips_plots(tmp_path):
     md = report.write_report(tmp_path / "r", {}, {}).read_text()
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["decision.json", "report.html", "report.md", "summary.json"]
-    assert "Not plotted (no data in this run): loss, latency, accuracy, merge_error." in md
+    assert "Not plotted (no data in this run): loss, latency, accuracy, baselines, merge_error." in md
     assert "No figures were recorded." in md and "No gate rules were evaluated." in md
 
 
@@ -94,7 +94,7 @@ def test_partial_summary_plots_what_it_has(tmp_path):
     report.write_report(tmp_path / "r", summary, {"passed": False, "failed": ["bit_exact"], "rules": []})
     assert sorted(p.name for p in (tmp_path / "r").glob("*.png")) == ["latency.png"]
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "Not plotted (no data in this run): loss, accuracy, merge_error." in md
+    assert "Not plotted (no data in this run): loss, accuracy, baselines, merge_error." in md
     assert "| wiki | 30 |" in md
 
 
@@ -119,3 +119,27 @@ def test_crash_leaves_previous_report_intact(tmp_path, monkeypatch):
         report.write_report(folder, full_summary(), {})
     assert "qalora run report: first" in (folder / "report.md").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
+
+
+def test_baselines_side_by_side_and_no_per_subject_dump(tmp_path):
+    """fp, untuned quantized and merged figures -> the deltas' table and plot; MMLU subjects stay out."""
+    from qalora.figures import baseline_deltas
+
+    figures = {"eval_fp.arc_easy.acc": 0.50, "eval_base.arc_easy.acc": 0.44, "eval.arc_easy.acc": 0.47,
+               "eval.arc_easy.acc_stderr": 0.02, "eval_fp.wiki_ppl.perplexity": 22.0,
+               "eval_base.wiki_ppl.perplexity": 27.0, "eval.wiki_ppl.perplexity": 25.5,
+               "eval.mmlu_anatomy.acc": 0.5, "eval_fp.mmlu_anatomy.acc": 0.25, "eval_base.mmlu_anatomy.acc": 0.3,
+               "eval.mmlu_stem.acc": 0.3, "eval.arc_easy.acc_norm": 0.4}  # acc_norm: merged only, no delta
+    figures |= baseline_deltas(figures)
+    assert figures["delta.quantization.arc_easy.acc"] == pytest.approx(-0.06)
+    assert figures["delta.tuning.arc_easy.acc"] == pytest.approx(0.03)
+    assert figures["delta.quantization.wiki_ppl.perplexity"] == pytest.approx(5.0)
+    assert figures["delta.tuning.wiki_ppl.perplexity"] == pytest.approx(-1.5)
+    assert not any("mmlu_anatomy" in k or "acc_norm" in k for k in figures if k.startswith("delta."))
+    md = report.write_report(tmp_path / "r", {"figures": figures}, {}).read_text()
+    assert "## What quantization cost and tuning bought" in md
+    assert "| arc_easy | acc | 0.5 | 0.44 | 0.47 | -0.06 | 0.03 | 0.02 |" in md
+    assert "| wiki_ppl | perplexity | 22 | 27 | 25.5 | 5 | -1.5 | — |" in md
+    assert (tmp_path / "r" / "baselines.png").read_bytes()[:8] == PNG_MAGIC
+    assert "mmlu_anatomy" not in md and "| eval.mmlu_stem.acc | 0.3 |" in md
+    assert "3 per-subject MMLU figures are in eval.json" in md

@@ -77,3 +77,27 @@ def test_bench_cli_cpu_tiny(tmp_path, monkeypatch):
         assert res[mode]["decode"]["1"]["tokens_per_s"] > 0
         assert res[mode]["prefill_ms"]["16"] > 0
     assert set(res["ratio_lowbit_over_dense"]["decode"]) == {"1", "2"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (triton_available() and cuda_kernels_available()), reason="needs CUDA, triton and nvcc")
+@pytest.mark.parametrize("family, harness", [("llama", "static-decoder"), ("qwen2", "transformers")])
+def test_gpu_bench_of_a_model_folder_names_its_harness(tmp_path, family, harness):
+    """LLaMA blocks run the static decoder; a Qwen2 folder (biases, tied head) is timed through
+    transformers' forward with our kernels, and bench.json says so."""
+    from families import tiny_model
+    from qalora.bench import run_bench
+    from qalora.checkpoint import save_lowbit_model
+    from qalora.quantizers.rtn import quantize_model_rtn
+    from conftest import tiny_tokenizer
+
+    model = tiny_model(family)
+    quantize_model_rtn(model, 4, 32, list(PROJ), progress=False)
+    folder = tmp_path / family
+    save_lowbit_model(model, tiny_tokenizer(), folder, method="rtn", stage="quantize", params={}, inputs={})
+    out = run_bench(model=folder, batches=[1, 2], prefills=[16], steps=4, reps=2, device="cuda", log=lambda *a: None)
+    assert out["harness"] == harness and out["model"]["model_type"] == family
+    if harness == "transformers":
+        assert out["device"].startswith("cuda") and out["dtype"] == "bfloat16"
+        assert set(out["lowbit"]["decode"]) == {"1", "2"} and all(
+            r["tokens_per_s"] > 0 for r in out["lowbit"]["decode"].values())

@@ -31,6 +31,17 @@ def test_promote_reject_and_skip(project, prefect_server):
     assert first["figures"]["benchmark.decode_tok_s.lowbit.b1"] > 0 and "benchmark.decode_speedup.b2" in first["figures"]
     assert "eval.wiki_ppl.perplexity" in first["figures"]
     assert not any(k.startswith("evaluate.") for k in first["figures"])  # each figure once, under eval.*
+    # The baselines, scored on the same text: what quantization cost and what tuning bought.
+    f = first["figures"]
+    fp, base, merged = (f[f"{m}.wiki_ppl.perplexity"] for m in ("eval_fp", "eval_base", "eval"))
+    assert len({fp, base, merged}) == 3  # three different models
+    assert f["delta.quantization.wiki_ppl.perplexity"] == pytest.approx(base - fp)
+    assert f["delta.tuning.wiki_ppl.perplexity"] == pytest.approx(merged - base)
+    md = (project / "reports" / first["run_name"] / "report.md").read_text()
+    assert "## What quantization cost and tuning bought" in md and "](baselines.png)" in md
+    run = mlflow.get_run(mlflow.MlflowClient().get_model_version("tiny-qalora", first["version"]).run_id)
+    assert {"evaluate_fp.wiki_ppl/perplexity", "evaluate_base.wiki_ppl/perplexity",
+            "delta.tuning.wiki_ppl.perplexity"} <= set(run.data.metrics)
 
     champ = mlflow_tracking.champion("tiny-qalora")
     assert champ["version"] == first["version"]
@@ -43,7 +54,8 @@ def test_promote_reject_and_skip(project, prefect_server):
     assert not second["passed"]
     assert "gate: REJECTED" in second["message"] and "FAIL floor.check.passed" in second["message"]
     assert second["message"].endswith(f"report: {second['report']}")
-    assert set(second["cached"]) == {"quantize", "tune", "merge", "check", "benchmark", "evaluate"}
+    assert set(second["cached"]) == {"quantize", "tune", "merge", "check", "benchmark", "evaluate", "evaluate_fp",
+                                     "evaluate_base"}
     assert mlflow_tracking.champion("tiny-qalora")["version"] == first["version"]
     version = mlflow.MlflowClient().get_model_version("tiny-qalora", second["version"])
     assert version.tags.get("decision") == "rejected"
@@ -51,6 +63,11 @@ def test_promote_reject_and_skip(project, prefect_server):
     # A scheduled run with the champion's data, code and params is skipped.
     third = qalora_pipeline(params_file=params, project_dir=str(project), scheduled=True)
     assert third["skipped"] and third["champion"] == first["version"]
+
+    # Another tune of the same base: the baselines are not scored again.
+    fourth = qalora_pipeline(params_file=params, overrides=["tune.lr=0.001"], project_dir=str(project))
+    assert {"quantize", "evaluate_fp", "evaluate_base"} <= set(fourth["cached"])
+    assert not {"tune", "merge", "evaluate"} & set(fourth["cached"])
 
 
 def test_refuses_data_not_matching_dvc(project, prefect_server):
