@@ -28,7 +28,7 @@ from qalora.checkpoint import (
     save_lowbit_model, unique_state_dict,
 )
 from qalora.config import CheckParams
-from qalora.data import alpaca_prompt
+from qalora.data import prompt_ids
 from qalora.device import resolve_device
 from qalora.lowbit import cache_dequantized_for
 from qalora.figures import check_figures
@@ -59,24 +59,10 @@ def _check_tensors(base_dir: Path, merged_dir: Path) -> tuple[dict[str, Any], di
     return codes, scales
 
 
-def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
-    """Token ids [1, T] of the Alpaca-wrapped check ``prompt``; T >= 1 or ValueError.
-
-    A tokenizer that drops every character it lacks (no unk token, no byte fallback) can return no
-    ids at all, and the models cannot run on T = 0 ("cannot reshape tensor of 0 elements").
-    """
-    ids = tokenizer(alpaca_prompt(prompt), return_tensors="pt").input_ids
-    if ids.numel() == 0:
-        source = getattr(tokenizer, "name_or_path", "") or "not loaded from a folder"
-        raise ValueError(f"check prompt {prompt!r} tokenizes to zero tokens with the tokenizer "
-                         f"{type(tokenizer).__name__} ({source}): set check.prompts to text it can encode")
-    return ids
-
-
 @torch.no_grad()
 def _check_logits(unmerged, merged, tokenizer, p: CheckParams) -> dict[str, Any]:
     rel, max_abs, agree, compared = 0.0, 0.0, 0, 0
-    encoded = [_prompt_ids(tokenizer, prompt) for prompt in p.prompts]  # every prompt, before any forward
+    encoded = [prompt_ids(tokenizer, prompt) for prompt in p.prompts]  # every prompt, before any forward
     device = next(merged.parameters()).device
     for ids in encoded:
         ids = ids.to(device)

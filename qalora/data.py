@@ -26,6 +26,21 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return template.format(instruction=instruction, input=input)
 
 
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """Token ids [1, T] of the Alpaca-wrapped ``prompt`` (the check's and the exports' comparisons: an
+    instruction-tuned model answers it, rather than ending the turn at once); T >= 1 or ValueError.
+
+    A tokenizer that drops every character it lacks (no unk token, no byte fallback) can return no
+    ids at all, and the models cannot run on T = 0 ("cannot reshape tensor of 0 elements").
+    """
+    ids = tokenizer(alpaca_prompt(prompt), return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        source = getattr(tokenizer, "name_or_path", "") or "not loaded from a folder"
+        raise ValueError(f"check prompt {prompt!r} tokenizes to zero tokens with the tokenizer "
+                         f"{type(tokenizer).__name__} ({source}): set check.prompts to text it can encode")
+    return ids
+
+
 def _read_records(path: Path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")

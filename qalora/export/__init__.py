@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from qalora.checkpoint import load_lowbit_model, lowbit_layers, model_identity, read_quant_config
+from qalora.data import alpaca_prompt, prompt_ids
 from qalora.export.errors import ExportError
 from qalora.manifest import atomic_output_dir, write_json_atomic, write_manifest
 
@@ -101,10 +102,8 @@ def _reference(model, tokenizer, prompts, max_new_tokens) -> list[dict[str, Any]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        if ids.numel() == 0:
-            raise ValueError(f"prompt {prompt!r} tokenizes to zero tokens")
-        rows.append({"prompt": prompt, "ids": ids, "logits": model(ids).logits[0].double(),
+        ids = prompt_ids(tokenizer, prompt)  # Alpaca-wrapped, as the check compares
+        rows.append({"prompt": prompt, "text": alpaca_prompt(prompt), "ids": ids, "logits": model(ids).logits[0].double(),
                      "ref": _greedy_hf(model, ids, max_new_tokens, pad)})
     return rows
 
@@ -164,7 +163,7 @@ def _llama_cpp_consumer(path: Path, tokenizer, rows, n_ctx: int) -> dict[str, An
         return out
 
     compared = _compare(rows, logits, greedy)
-    tok_same = all(llm.tokenize(r["prompt"].encode(), add_bos=False, special=False) == r["ids"][0].tolist()
+    tok_same = all(llm.tokenize(r["text"].encode(), add_bos=False, special=False) == r["ids"][0].tolist()
                    for r in rows)
     import llama_cpp
 
@@ -225,7 +224,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, *, prompts: l
                 hf_tok = AutoTokenizer.from_pretrained(str(tmp), gguf_file=GGUF_FILE)
                 res = _hf_consumer(hf, tokenizer, rows, "transformers GGUF loader (dequantizes Q4_1 to fp32)")
                 res["tokenizer_identical"] = all(
-                    hf_tok(r["prompt"]).input_ids == r["ids"][0].tolist() for r in rows)
+                    hf_tok(r["text"]).input_ids == r["ids"][0].tolist() for r in rows)
                 report["consumers"]["transformers"] = res
                 del hf
             if "llama.cpp" in wanted:
