@@ -152,7 +152,7 @@ def chain(args, tokenizer, work: Path, family: str, shape: dict, out: dict, full
 
 def evaluate_both(args, merged: Path, rec: dict) -> None:
     """MMLU 5-shot: the low-bit model through its kernels vs its weights dequantized to bf16."""
-    from qalora.bench import set_submodule
+    from qalora.model_io import set_submodule
     from qalora.eval_model import load_eval_model
     from qalora.evaluate import evaluate
     from qalora.lowbit import LowBitLinear

@@ -162,7 +162,7 @@ def bench_gpu_source(src: Source, batches: list[int], prefills: list[int], dtype
 
 
 # ----------------------------------------------------------------------------------------------
-# CPU fallback (transformers forward)
+# transformers forward: the CPU path, and the GPU path of blocks the static decoder does not run
 
 
 def _time(fn, reps: int, sync=lambda: None) -> float:
