@@ -25,7 +25,7 @@ import torch
 from qalora.adapter import adapter_identity, load_adapter_into
 from qalora.checkpoint import (
     folder_input, load_lowbit_model, load_tensors, lowbit_layers, model_identity, read_quant_config,
-    save_lowbit_model, unique_state_dict,
+    save_lowbit_model, storage_state_dict,
 )
 from qalora.config import CheckParams
 from qalora.data import prompt_ids
@@ -144,7 +144,7 @@ def _check_roundtrip(merged, tokenizer, merged_dir: Path) -> dict[str, Any]:
         out = Path(tmp) / "roundtrip"
         save_lowbit_model(merged, tokenizer, out, method="roundtrip", stage="check", params={}, inputs={})
         reloaded, _, _ = load_lowbit_model(out)
-        again, _ = unique_state_dict(reloaded)
+        again, _, _ = storage_state_dict(reloaded)
         same_file = model_identity(out) == model_identity(merged_dir)
     differ = sorted(k for k in set(on_disk) | set(again)
                     if k not in on_disk or k not in again or sha256_tensor(on_disk[k]) != sha256_tensor(again[k]))

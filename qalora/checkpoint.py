@@ -5,13 +5,15 @@ Folder layout (``int4.g64`` style names are up to the caller)::
     config.json            HF model config (architecture to rebuild)
     tokenizer files        so the folder is self-contained for generate() and lm-eval
     model.safetensors      every tensor: LowBitLinear buffers (qweight/scales/zeros[/bias]) and the
-                           unquantized rest (embeddings, norms, lm_head); tied copies stored once
+                           unquantized rest (embeddings, norms, lm_head; in bf16/fp16 where that is
+                           exact: storage_state_dict); tied copies stored once
     qalora_quant.json      format version, per-layer bits/group/shape, tied keys, method
     manifest.json          inputs, params, versions, sha256 of every file and every tensor
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,30 @@ def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, tied
 
 
+# The 16-bit types a full-precision tensor is stored in when one holds every value exactly (first that does).
+STORAGE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def storage_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """What a low-bit folder stores: :func:`unique_state_dict`, with every fp32 tensor that is not a
+    low-bit layer's canonical buffer (embeddings, norms, untied head) in the first of
+    :data:`STORAGE_DTYPES` that holds all its values exactly, so a bf16 source's embeddings take half the
+    bytes and nothing changes by a bit. Returns (tensors, tied, names kept in fp32 because no 16-bit type
+    holds them: e.g. a GGUF source's dequantized embedding)."""
+    tensors, tied = unique_state_dict(model)
+    layers = layer_specs(model)
+    kept = []
+    for key, t in tensors.items():
+        if t.dtype != torch.float32 or _is_lowbit_buffer(key, layers):
+            continue
+        narrow = next((n for n in (t.to(dt) for dt in STORAGE_DTYPES) if torch.equal(n.to(torch.float32), t)), None)
+        if narrow is None:
+            kept.append(key)
+        else:
+            tensors[key] = narrow
+    return tensors, tied, kept
+
+
 def save_lowbit_model(
     model: PreTrainedModel,
     tokenizer,
@@ -75,7 +101,7 @@ def save_lowbit_model(
     specs = layer_specs(model)
     if not specs:
         raise ValueError("model has no LowBitLinear layers: quantize it first")
-    tensors, tied = unique_state_dict(model)
+    tensors, tied, kept = storage_state_dict(model)
     with atomic_output_dir(out, stage) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -86,7 +112,11 @@ def save_lowbit_model(
         write_json_atomic(tmp / QUANT_CONFIG, quant)
         manifest = write_manifest(
             tmp, stage, params, inputs,
-            extra={"tensors": {k: sha256_tensor(v) for k, v in tensors.items()}, "metrics": metrics or {}},
+            extra={"tensors": {k: sha256_tensor(v) for k, v in tensors.items()}, "metrics": metrics or {},
+                   # where exactness needed fp32 for an unquantized tensor (storage_state_dict)
+                   "storage": {"float32_kept": len(kept), "float32_kept_first": kept[:8],
+                               "dtypes": dict(sorted(Counter(str(t.dtype).removeprefix("torch.")
+                                                             for t in tensors.values()).items()))}},
         )
     return manifest
 

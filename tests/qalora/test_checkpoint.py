@@ -65,3 +65,34 @@ def test_failed_save_leaves_no_folder(tmp_path):
     with pytest.raises(ValueError, match="no LowBitLinear"):
         save_lowbit_model(tiny_llama(), None, tmp_path / "out", method="rtn", stage="q", params={}, inputs={})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unquantized_tensors_of_a_bf16_source_are_stored_in_bf16_exactly(tmp_path):
+    """Embeddings and norms whose values bf16 holds are stored in bf16 (half the bytes), load back
+    bit-identical in fp32, and survive the check's save -> reload round trip; others stay fp32."""
+    from safetensors import safe_open
+
+    from conftest import TARGETS, tiny_llama, tiny_tokenizer
+    from qalora.checkpoint import load_lowbit_model, save_lowbit_model, storage_state_dict
+    from qalora.quantizers.rtn import quantize_model_rtn
+
+    model = tiny_llama(seed=3)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight.to(torch.bfloat16).float())
+        model.model.layers[0].input_layernorm.weight.copy_(torch.randn(128).half().float())  # fp16-exact only
+        model.model.layers[1].input_layernorm.weight.copy_(torch.randn(128))  # fp32 values
+    emb = model.model.embed_tokens.weight.detach().clone()
+    quantize_model_rtn(model, 4, 32, TARGETS, progress=False)
+    manifest = save_lowbit_model(model, tiny_tokenizer(), tmp_path / "m", method="rtn", stage="quantize",
+                                 params={}, inputs={})
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "BF16"
+    assert dtypes["model.layers.0.input_layernorm.weight"] == "F16"
+    assert dtypes["model.layers.0.self_attn.q_proj.zeros"] == "F32"  # canonical buffers untouched
+    assert dtypes["model.layers.1.input_layernorm.weight"] == "F32"  # no 16-bit type holds it
+    assert manifest["storage"]["float32_kept"] >= 1
+    back, _, _ = load_lowbit_model(tmp_path / "m")
+    assert back.model.embed_tokens.weight.dtype == torch.float32 and torch.equal(back.model.embed_tokens.weight, emb)
+    again, _, _ = storage_state_dict(back)
+    assert {k: sha256_tensor(v) for k, v in again.items()} == manifest["tensors"]
