@@ -130,6 +130,8 @@ def chain(args, tokenizer, work: Path, family: str, shape: dict, out: dict, full
         rec["tune"] = {k: m.get(k) for k in ("metrics", "device", "dtype") if k in m}
     with Stage(st, "merge"):
         rec["merge"] = merge(base, adapter, merged).get("metrics")
+        rec["merged_folder_gb"] = round(sum(f.stat().st_size for f in merged.iterdir()) / 1e9, 3)
+        rec["merged_storage"] = json.loads((merged / "manifest.json").read_text()).get("storage")
     if "check" not in args.skip:
         with Stage(st, "check"):
             cp = CheckParams(device="auto", max_new_tokens=8, prompts=["Give three tips for staying healthy.",
