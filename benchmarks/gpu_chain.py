@@ -154,10 +154,9 @@ def chain(args, tokenizer, work: Path, family: str, shape: dict, out: dict, full
 
 def evaluate_both(args, merged: Path, rec: dict) -> None:
     """MMLU 5-shot: the low-bit model through its kernels vs its weights dequantized to bf16."""
-    from qalora.model_io import set_submodule
+    from qalora.bench import dense_
     from qalora.eval_model import load_eval_model
     from qalora.evaluate import evaluate
-    from qalora.lowbit import LowBitLinear
 
     data = Path(args.data) / "eval"
     kw = dict(tasks=["mmlu"], num_fewshot=5, limit=args.mmlu_limit, batch_size=args.eval_batch, data_dir=data,
@@ -166,12 +165,7 @@ def evaluate_both(args, merged: Path, rec: dict) -> None:
         with Stage(rec["stages"], f"eval_{variant}"):
             m, tok, info = load_eval_model(merged, dtype="bf16", device="cuda" if torch.cuda.is_available() else "cpu")
             if variant == "bf16":
-                for name, mod in list(m.named_modules()):
-                    if isinstance(mod, LowBitLinear):
-                        lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                              device=mod.qweight.device, dtype=torch.bfloat16)
-                        lin.weight.data = mod.dequantized_weight().to(torch.bfloat16)
-                        set_submodule(m, name, lin)
+                dense_(m, torch.bfloat16)
             resident = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
             r = evaluate(m, tok, **kw)
             n, secs = r["timing"]["questions"], r["timing"]["lm_eval_wall_s"]

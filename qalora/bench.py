@@ -177,6 +177,22 @@ def _time(fn, reps: int, sync=lambda: None) -> float:
 
 
 @torch.no_grad()
+def dense_(model: Any, dtype: torch.dtype) -> Any:
+    """Replace (in place) every ``LowBitLinear`` of ``model`` by an ``nn.Linear`` on its device holding its
+    dequantized weight and bias in ``dtype``: the same weights, dense (the benchmarks' and evaluations'
+    full-precision reference). Returns the model."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LowBitLinear):
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                  device=mod.qweight.device, dtype=dtype)
+            lin.weight.data = mod.dequantized_weight().to(dtype)
+            if mod.bias is not None:
+                lin.bias.data = mod.bias.to(dtype)
+            set_submodule(model, name, lin)
+    return model
+
+
+@torch.no_grad()
 def bench_hf_model(model: Any, batches: list[int], prefills: list[int], steps: int = 8, reps: int = 3,
                    log=print) -> dict[str, Any]:
     """Figures for a transformers model with LowBitLinear layers, on the model's device, through
@@ -187,15 +203,7 @@ def bench_hf_model(model: Any, batches: list[int], prefills: list[int], steps: i
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out: dict[str, Any] = {"steps": steps, "reps": reps, "device": str(device),
                            "dtype": str(dtype).removeprefix("torch.")}
-    dense = copy.deepcopy(model)
-    for name, mod in list(dense.named_modules()):
-        if isinstance(mod, LowBitLinear):
-            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=device,
-                                  dtype=dtype)
-            lin.weight.data = mod.dequantized_weight().to(dtype)
-            if mod.bias is not None:
-                lin.bias.data = mod.bias.to(dtype)
-            set_submodule(dense, name, lin)
+    dense = dense_(copy.deepcopy(model), dtype)
     fast = prepare_for_inference(copy.deepcopy(model))
     vocab = model.config.vocab_size
     for mode, m in (("lowbit", fast), ("dense", dense)):

@@ -23,6 +23,19 @@ def _figure(width: float = 7.0, height: float = 4.0):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def _grouped_bars(ax, series: Mapping[str, list[float | None]], errors: Mapping[str, list[float]] | None = None,
+                  missing: float = math.nan) -> list:
+    """One bar per series in each group, groups at x = 0, 1, ... (a missing value draws ``missing``);
+    ``errors``: error bars per series. Returns each series' bar container."""
+    n, width = len(series), 0.8 / len(series)
+    containers = []
+    for i, (label, values) in enumerate(series.items()):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(values))]
+        kw = {"yerr": errors[label], "capsize": 3} if errors else {}
+        containers.append(ax.bar(xs, [missing if v is None else v for v in values], width, label=label, **kw))
+    return containers
+
+
 def plot_loss(path: Path, loss_curve: list[Mapping[str, Any]]) -> bool:
     points = [(int(r["step"]), num(r.get("loss"))) for r in loss_curve or [] if isinstance(r, Mapping) and "step" in r]
     points = [(s, v) for s, v in points if v is not None]
@@ -49,10 +62,7 @@ def plot_latency(path: Path, latency: list[Mapping[str, Any]]) -> bool:
         return False
     fig = _figure()
     ax = fig.add_subplot()
-    n, width = len(series), 0.8 / len(series)
-    for i, (label, values) in enumerate(series.items()):
-        xs = [j + (i - (n - 1) / 2) * width for j in range(len(rows))]
-        bars = ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label)
+    for bars, values in zip(_grouped_bars(ax, series, missing=0.0), series.values()):
         ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
     ax.set_xticks(range(len(rows)), [str(r["batch"]) for r in rows])
     ax.set_xlabel("batch size")
@@ -73,12 +83,8 @@ def plot_accuracy(path: Path, accuracy: Mapping[str, Mapping[str, Any]]) -> bool
     present = [k for k in metrics if any(num(accuracy[t].get(k)) is not None for t in tasks)]
     fig = _figure(max(6.0, 1.0 + 0.9 * len(tasks)), 4.0)
     ax = fig.add_subplot()
-    n, width = len(present), 0.8 / len(present)
-    for i, key in enumerate(present):
-        xs = [j + (i - (n - 1) / 2) * width for j in range(len(tasks))]
-        vals = [num(accuracy[t].get(key)) for t in tasks]
-        errs = [num(accuracy[t].get(f"{key}_stderr")) or 0.0 for t in tasks]
-        ax.bar(xs, [v if v is not None else math.nan for v in vals], width, yerr=errs, capsize=3, label=key)
+    _grouped_bars(ax, {k: [num(accuracy[t].get(k)) for t in tasks] for k in present},
+                  errors={k: [num(accuracy[t].get(f"{k}_stderr")) or 0.0 for t in tasks] for k in present})
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (± stderr)")
@@ -100,11 +106,7 @@ def plot_baselines(path: Path, figures: Mapping[str, float]) -> bool:
     fig = _figure(width_in, 4.0)
     for k, (metric, rs) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
-        width = 0.8 / len(MODELS)
-        for i, (label, _) in enumerate(MODELS):
-            xs = [j + (i - 1) * width for j in range(len(rs))]
-            values = [num(r[label]) for r in rs]
-            ax.bar(xs, [math.nan if v is None else v for v in values], width, label=label)
+        _grouped_bars(ax, {label: [num(r[label]) for r in rs] for label, _ in MODELS})
         ax.set_xticks(range(len(rs)), [r["task"] for r in rs], rotation=30, ha="right")
         ax.set_ylabel("accuracy" if metric == "acc" else "perplexity (lower is better)")
         ax.grid(axis="y", alpha=0.3)

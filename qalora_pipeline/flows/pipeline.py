@@ -162,7 +162,8 @@ def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any
                           ("eval_dir", "evaluation")):
             run.log_dataset(name, str(paths[name]), data_md5, ctx)
         stages: dict[str, StageResult] = {}
-        stages["quantize"] = quantize_task(p, paths["calibration"])
+        source = _source(p)  # hashed once: quantize's key and the fp baseline's
+        stages["quantize"] = quantize_task(p, paths["calibration"], source)
         stages["tune"] = tune_task(p, stages["quantize"], paths["train"])
         stages["merge"] = merge_task(stages["quantize"], stages["tune"])
         stages["check"] = check_task(p, stages["quantize"], stages["tune"], stages["merge"])
@@ -178,7 +179,7 @@ def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any
             extra["accuracy"] = report.accuracy_rows(evaluated)
             answers = evaluated.get("answers")  # per question: what the paired no-regression rule compares
             for variant in p.evaluate.baselines:  # the same questions for the fp source and the untuned base
-                model = stages["quantize"] if variant == "base" else _source(p)
+                model = stages["quantize"] if variant == "base" else source
                 stages[EVALUATIONS[variant]] = evaluate_task(p, model, paths["eval_dir"], paths["heldout"],
                                                              data_md5, variant)
         # Exports before registration: a model a format cannot hold fails the run before it can be promoted

@@ -7,18 +7,16 @@ from prefect.cache_policies import NONE
 
 from qalora.config import Params
 from qalora.manifest import sha256_file
-from qalora.model_io import source_identity
-from qalora.paths import resolve_model
 from qalora.quantize import quantize_to_folder
 from qalora_pipeline.tasks.stage_cache import StageResult, run_cached
 
 
 @task(name="quantize", cache_policy=NONE)
-def quantize_task(p: Params, calibration: Path) -> StageResult:
-    source = resolve_model(p.model.source)
+def quantize_task(p: Params, calibration: Path, source: StageResult) -> StageResult:
+    """``source``: the fp model (path and content hash, from the flow: hashed once per run)."""
     gptq = p.quantize.method == "gptq"
-    material = {"params": p.quantize.model_dump(), "model": source_identity(source),
+    material = {"params": p.quantize.model_dump(), "model": source.key,
                 "calibration": sha256_file(calibration) if gptq else None}
     return run_cached("quantize", p.quantize.tag, material, lambda out: quantize_to_folder(
-        source, out, p.quantize, calibration if gptq else None, trust_remote_code=p.model.trust_remote_code),
+        source.dir, out, p.quantize, calibration if gptq else None, trust_remote_code=p.model.trust_remote_code),
                       code_module=__name__)
