@@ -30,17 +30,26 @@ ADAPTER_CONFIG = "adapter_config.json"
 POOLING = "sum"
 
 
-class QALoRALinear(nn.Module):
-    """Wraps a frozen :class:`LowBitLinear` ``base`` with a trainable QA-LoRA branch."""
+class LoRABranch(nn.Module):
+    """A frozen ``base`` plus a trainable low-rank branch on pooled inputs:
 
-    def __init__(self, base: LowBitLinear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        y = base(x) + (alpha / r) * B @ A @ pool(dropout(x))      A [r, L] and B [D_out, r], fp32
+
+    Subclasses say what ``pool`` is and so what ``L`` is: QA-LoRA's group sums (L = D_in / g), or plain
+    LoRA's identity (:class:`qalora.lora.LoRALinear`, L = D_in).
+    """
+
+    pooling = "none"
+    group_size = 1
+
+    def __init__(self, base: nn.Module, pooled_features: int, out_features: int, rank: int, alpha: float,
+                 dropout: float, device: torch.device) -> None:
         super().__init__()
         self.base = base
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
-        self.group_size = base.group_size
-        self.lora_A = nn.Parameter(torch.empty(rank, base.num_groups, dtype=torch.float32, device=base.scales.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=base.scales.device))
+        self.lora_A = nn.Parameter(torch.empty(rank, pooled_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # PEFT's LoRA init: A Kaiming-uniform over its fan-in, B zero, so training starts at the base.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -54,13 +63,7 @@ class QALoRALinear(nn.Module):
         return self.base.out_features
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., D_in] -> [..., L]: sum over each contiguous group of g inputs."""
-        return x.unflatten(-1, (self.base.num_groups, self.group_size)).sum(-1)
-
-    def delta_zeros(self) -> torch.Tensor:
-        """fp64 [D_out, L]: the amount the merge subtracts from the zeros, (alpha/r)(B A) / s."""
-        ba = self.lora_B.detach().double() @ self.lora_A.detach().double()
-        return self.scaling * ba / self.base.scales.double()
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -69,13 +72,33 @@ class QALoRALinear(nn.Module):
         return y + (self.scaling * lora).to(y.dtype)
 
 
+class QALoRALinear(LoRABranch):
+    """Wraps a frozen :class:`LowBitLinear` ``base`` with a trainable QA-LoRA branch (sum pooling)."""
+
+    pooling = POOLING
+
+    def __init__(self, base: LowBitLinear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base, base.num_groups, base.out_features, rank, alpha, dropout, base.scales.device)
+        self.group_size = base.group_size
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D_in] -> [..., L]: sum over each contiguous group of g inputs."""
+        return x.unflatten(-1, (self.base.num_groups, self.group_size)).sum(-1)
+
+    def delta_zeros(self) -> torch.Tensor:
+        """fp64 [D_out, L]: the amount the merge subtracts from the zeros, (alpha/r)(B A) / s."""
+        ba = self.lora_B.detach().double() @ self.lora_A.detach().double()
+        return self.scaling * ba / self.base.scales.double()
+
+
 def adapter_identity(folder: str | Path) -> str:
     """sha256 of the adapter's weights file."""
     return sha256_file(Path(folder) / ADAPTER_WEIGHTS)
 
 
-def adapter_layers(model: nn.Module) -> dict[str, QALoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
+def adapter_layers(model: nn.Module) -> dict[str, LoRABranch]:
+    """Every adapted layer (QA-LoRA or plain LoRA), in module order: the order of the trainable tensors."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRABranch)}
 
 
 def apply_qalora(
@@ -111,11 +134,11 @@ def adapter_config(model: nn.Module, base_identity: str, **extra: Any) -> dict[s
     layers = adapter_layers(model)
     first = next(iter(layers.values()))
     return {
-        "pooling": POOLING,
+        "pooling": first.pooling,
         "rank": first.rank,
         "alpha": first.alpha,
         "base_identity": base_identity,
-        "layers": {n: {"out_features": m.out_features, "num_groups": m.base.num_groups,
+        "layers": {n: {"out_features": m.out_features, "num_groups": m.lora_A.shape[1],
                        "group_size": m.group_size} for n, m in layers.items()},
         **extra,
     }

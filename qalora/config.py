@@ -174,6 +174,34 @@ class TrackingParams(_Section):
     registered_model: str = "qalora-smollm2-135m"
 
 
+SWEEP_METHODS = ("qalora", "qlora_gptq", "lora_fp", "gptq")
+
+
+class SweepParams(_Section):
+    """The accuracy sweep (``qalora sweep``): each method at each bit width and group size, with the same
+    data, token budget (``tune``), seed, calibration (``quantize``) and evaluation (``evaluate``).
+
+    Methods: ``qalora`` (GPTQ base, QA-LoRA, merged into the zeros); ``qlora_gptq`` (LoRA over an NF4 base,
+    merged into the fp weights, then GPTQ); ``lora_fp`` (LoRA on the fp model, not quantized: the upper
+    reference, one per sweep); ``gptq`` (the quantized base, untuned). The fp model itself is always scored.
+    """
+
+    methods: list[Literal["qalora", "qlora_gptq", "lora_fp", "gptq"]] = Field(default_factory=lambda: list(SWEEP_METHODS))
+    bits: list[int] = Field(default_factory=lambda: [4, 3, 2])
+    group_sizes: list[int] = Field(default_factory=lambda: [64, 32], description="run in this order")
+    experiment: str = Field("qalora-sweep", description="MLflow experiment of the sweep's runs (one per variant)")
+    report: str = Field("reports/accuracy.md", description="where `qalora sweep` writes the report (+ .png), "
+                        "relative to the project dir")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b not in SUPPORTED_BITS]
+        if bad:
+            raise ValueError(f"bits {bad} not supported; valid: {list(SUPPORTED_BITS)}")
+        return v
+
+
 class Params(_Section):
     name: str = "default"
     model: ModelParams = Field(default_factory=ModelParams)
@@ -186,6 +214,7 @@ class Params(_Section):
     gate: GateParams = Field(default_factory=GateParams)
     export: ExportParams = Field(default_factory=ExportParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    sweep: SweepParams = Field(default_factory=SweepParams)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

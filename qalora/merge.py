@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qalora.adapter import adapter_identity, adapter_layers, load_adapter_into
+from qalora.adapter import QALoRALinear, adapter_identity, adapter_layers, load_adapter_into
 from qalora.checkpoint import load_lowbit_model, model_identity, save_lowbit_model
 from qalora.model_io import set_submodule
 
@@ -23,8 +23,8 @@ def merge_adapter_into_zeros(model: nn.Module) -> dict[str, float]:
     The shift is computed in fp64 and rounded once to the fp32 zeros.
     """
     layers = adapter_layers(model)
-    if not layers:
-        raise ValueError("model has no QA-LoRA layers to merge")
+    if not layers or not all(isinstance(m, QALoRALinear) for m in layers.values()):
+        raise ValueError("model has no QA-LoRA layers to merge (plain LoRA merges into float weights: qalora.lora)")
     max_shift = 0.0
     for name, layer in layers.items():
         shift = layer.delta_zeros()

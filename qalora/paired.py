@@ -54,6 +54,11 @@ def _binomial_upper_tail(k: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
 
 
+def two_sided_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value for ``b`` and ``c`` disagreements (twice the smaller tail, at most 1)."""
+    return min(1.0, 2 * _binomial_upper_tail(max(b, c), b + c))
+
+
 def compare(champion: Mapping[str, int], challenger: Mapping[str, int], confidence: float = 0.95) -> PairedComparison:
     """Compare per-question correctness ``{question key: 0|1}`` on the keys both hold.
 

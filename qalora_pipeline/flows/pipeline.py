@@ -70,7 +70,7 @@ def _history(adapter: StageResult) -> list[dict[str, float]]:
     return [{"step": r["step"], "loss": r["loss"]} for r in map(json.loads, lines)]
 
 
-def _source(p: Params) -> StageResult:
+def source_stage(p: Params) -> StageResult:
     """The full-precision source model as a stage input (its content hash is its key)."""
     source = resolve_model(p.model.source)
     return StageResult("source", source, source_identity(source), cached=True)
@@ -162,7 +162,7 @@ def _train_and_gate(p: Params, root: Path, data_md5: str, lineage: dict[str, Any
                           ("eval_dir", "evaluation")):
             run.log_dataset(name, str(paths[name]), data_md5, ctx)
         stages: dict[str, StageResult] = {}
-        source = _source(p)  # hashed once: quantize's key and the fp baseline's
+        source = source_stage(p)  # hashed once: quantize's key and the fp baseline's
         stages["quantize"] = quantize_task(p, paths["calibration"], source)
         stages["tune"] = tune_task(p, stages["quantize"], paths["train"])
         stages["merge"] = merge_task(stages["quantize"], stages["tune"])

