@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qalora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRABranch, adapter_identity, adapter_layers
+from qalora.checkpoint import unique_state_dict
 from qalora.config import TuneParams
 from qalora.device import DTYPES, resolve_device
 from qalora.manifest import atomic_output_dir, check_output_path, read_json, sha256_bytes, write_manifest
@@ -124,8 +125,12 @@ def merge_lora(source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
         weight = layer.base.weight
         weight.copy_((weight.double() + layer.delta_weight()).to(weight.dtype))
         set_submodule(model, name, layer.base)
+    # Written by hand, not save_pretrained: transformers refuses to serialize a model it loaded from GGUF
+    # (the embedded default), although after dequantization it is a plain fp32 model.
+    tensors, _tied = unique_state_dict(model)
     with atomic_output_dir(out_dir, "merge") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         return write_manifest(tmp, "merge", {}, inputs={
             "source": {"path": str(source), "sha256": source_identity(source)},
