@@ -24,6 +24,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -58,17 +59,33 @@ class Stage:
 
     def __enter__(self):
         gc.collect()
+        self.device_peak, self._stop = 0, threading.Event()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            # A stage may run on the GPU in a child process (GPTQModel): sample the device's used memory.
+            free, total = torch.cuda.mem_get_info()
+            self.device_base = total - free
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
         self.t0 = time.perf_counter()
         log(f"== {self.name}")
         return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            free, total = torch.cuda.mem_get_info()
+            self.device_peak = max(self.device_peak, total - free - self.device_base)
 
     def __exit__(self, kind, err, tb):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         row = {"seconds": round(time.perf_counter() - self.t0, 2), "peak_gpu_gb": round(gpu_gb(), 3)}
+        if torch.cuda.is_available():
+            self._stop.set()
+            self._sampler.join()
+            # every process's memory on the device (CUDA contexts included), above the stage's start
+            row["peak_device_used_gb"] = round(self.device_peak / 1e9, 3)
         if err is not None:
             row["error"] = "".join(traceback.format_exception_only(kind, err)).strip()[-2000:]
             log(traceback.format_exc())
@@ -119,9 +136,15 @@ def chain(args, tokenizer, work: Path, family: str, shape: dict, out: dict, full
         build_folder(fp, family, shape, tokenizer, dev)
         rec["fp_folder_gb"] = round(sum(f.stat().st_size for f in fp.iterdir()) / 1e9, 3)
     with Stage(st, "quantize"):
-        q = QuantizeParams(method="rtn", bits=4, group_size=128)
-        rec["quantize"] = quantize_to_folder(str(fp), base, q, progress=False)["metrics"]
+        gptq = args.quantize == "gptq" and full
+        q = QuantizeParams(method="gptq" if gptq else "rtn", bits=4, group_size=128, calib_samples=args.calib_samples,
+                           calib_seq_len=args.calib_len, device="auto")
+        calib = calibration_file(args, work) if gptq else None
+        rec["quantize"] = quantize_to_folder(str(fp), base, q, calib, progress=True)["metrics"]
+        rec["quantize_method"] = q.method + (f" on {dev}, {q.calib_samples} x {q.calib_seq_len} tokens" if gptq else "")
         rec["base_folder_gb"] = round(sum(f.stat().st_size for f in base.iterdir()) / 1e9, 3)
+    if args.until == "quantize":
+        return
     with Stage(st, "tune"):
         tp = TuneParams(steps=args.tune_steps if full else 1, lr=2e-4, rank=16 if full else 4, micro_batch_size=4,
                         max_seq_len=512, warmup_steps=0, gradient_checkpointing=full, save_every=1000,
@@ -150,6 +173,21 @@ def chain(args, tokenizer, work: Path, family: str, shape: dict, out: dict, full
                                                    "lowbit", "dense", "ratios", "figures") if k in b}
     if full and "eval" not in args.skip:
         evaluate_both(args, merged, rec)
+
+
+def calibration_file(args, work: Path) -> Path:
+    """GPTQ calibration text with at least ``calib_samples x calib_len`` tokens: the C4 demo, repeated as
+    often as needed (random weights: the text only sets the work, not the result's quality)."""
+    texts = [json.loads(line)["text"] for line in (Path(args.data) / "calibration" / "c4_demo.jsonl").open()]
+    path = work / "calibration.jsonl"
+    chars_needed = args.calib_samples * args.calib_len * 6  # > 4 characters per token in English text
+    with path.open("w") as f:
+        written = 0
+        while written < chars_needed:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+                written += len(t)
+    return path
 
 
 def evaluate_both(args, merged: Path, rec: dict) -> None:
@@ -187,6 +225,12 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--families", default="qwen2,mistral,llama")
     ap.add_argument("--skip", default="", help="comma-separated stages to leave out: check, bench, eval")
+    ap.add_argument("--quantize", choices=["rtn", "gptq"], default="rtn",
+                    help="the full (LLaMA) chain's quantizer: GPTQ runs on the GPU (quantize.device auto)")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=2048)
+    ap.add_argument("--until", choices=["quantize", "all"], default="all", help="stop after this stage")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers of the LLaMA-7B shape (default its 32)")
     ap.add_argument("--work", default=None, help="work folder (default: a temp dir, removed)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -205,6 +249,8 @@ def main() -> None:
         for family in args.families.split(","):
             full = family == "llama"
             shape = (SMOKE if args.smoke else LLAMA_7B) if full else small
+            if full and args.layers:
+                shape = {**shape, "num_hidden_layers": args.layers}
             chain(args, tok, Path(tmp), family, shape, out, full)
             shutil.rmtree(Path(tmp) / family, ignore_errors=True)  # disk: 7B folders are ~20 GB together
     log(json.dumps({m["family"]: m["stages"] for m in out["models"]}, indent=1))

@@ -47,6 +47,9 @@ class QuantizeParams(_Section):
     calib_seq_len: int = Field(512, ge=16)
     damp_percent: float = Field(0.05, gt=0, lt=1)
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where GPTQ runs (its Hessians and solves): auto = CUDA when there is one, else CPU; "
+                            "fp32 either way. RTN runs on the CPU")
 
     @field_validator("bits")
     @classmethod

@@ -10,6 +10,7 @@ from pathlib import Path
 from qalora.checkpoint import save_lowbit_model
 from qalora.config import QuantizeParams
 from qalora.data import calibration_windows, load_texts
+from qalora.device import resolve_device
 from qalora.manifest import check_output_path, sha256_file
 from qalora.model_io import load_base_model
 from qalora.quantizers import GPTQConfig, QuantizeConfig, RTNConfig, check_targets, quantize_
@@ -19,7 +20,8 @@ def quantizer_config(params: QuantizeParams) -> QuantizeConfig:
     """The quantizer config the params' ``quantize`` section describes."""
     if params.method == "gptq":
         return GPTQConfig(params.bits, params.group_size, tuple(params.targets), sym=params.sym,
-                          damp_percent=params.damp_percent)
+                          damp_percent=params.damp_percent,
+                          device=resolve_device(params.device, key="quantize.device"))
     return RTNConfig(params.bits, params.group_size, tuple(params.targets), sym=params.sym)
 
 
@@ -56,6 +58,8 @@ def quantize_to_folder(
     else:
         quantize_(model, config, progress=progress)
     seconds = time.perf_counter() - t0
+    # the manifest records where it ran (GPTQ's float arithmetic differs between a CPU and a GPU)
+    ran_on = {"device": getattr(config, "device", "cpu")}
     return save_lowbit_model(model, tokenizer, out, method=params.method, stage="quantize",
-                             params=params.model_dump(), inputs=inputs,
+                             params=params.model_dump() | ran_on, inputs=inputs,
                              metrics={"quantize_seconds": seconds})

@@ -53,6 +53,7 @@ class GPTQConfig(_GroupwiseConfig):
 
     damp_percent: float = DEFAULT_DAMP_PERCENT
     act_group_aware: bool = True
+    device: str = "cpu"  # where GPTQModel runs: "cpu" or "cuda[:N]" (resolved; qalora.device.resolve_device)
     method = "gptq"
 
 
@@ -80,7 +81,8 @@ def quantize_(
             raise ValueError("GPTQ needs calibration token ids and a work_dir")
         return quantize_model_gptq(model, tokenizer, calibration, config.bits, config.group_size, config.targets,
                                    sym=config.sym, damp_percent=config.damp_percent,
-                                   act_group_aware=config.act_group_aware, work_dir=work_dir, progress=progress)
+                                   act_group_aware=config.act_group_aware, device=config.device, work_dir=work_dir,
+                                   progress=progress)
     raise TypeError(f"unknown quantizer config {type(config).__name__}; valid: RTNConfig, GPTQConfig")
 
 

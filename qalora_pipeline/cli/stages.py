@@ -41,7 +41,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     p = _params(args, {"bits": "quantize.bits", "group_size": "quantize.group_size", "method": "quantize.method",
                        "samples": "quantize.calib_samples", "seq_len": "quantize.calib_seq_len",
-                       "sym": "quantize.sym", "model": "model.source", "calib": "data.calibration"})
+                       "sym": "quantize.sym", "model": "model.source", "calib": "data.calibration",
+                       "device": "quantize.device"})
     calib = resolve_path(p.data.calibration) if p.quantize.method == "gptq" else None
     manifest = quantize_to_folder(resolve_model(p.model.source), args.out, p.quantize, calib,
                                   trust_remote_code=p.model.trust_remote_code, progress=not args.no_progress)
@@ -259,6 +260,7 @@ def add_commands(sub) -> None:
     q.add_argument("--samples", type=int, help="calibration windows (default 32)")
     q.add_argument("--seq-len", type=int, help="tokens per calibration window (default 512)")
     q.add_argument("--sym", action="store_true", default=None, help="symmetric quantization (default asymmetric)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where GPTQ runs (default auto: CUDA when there is one)")
     q.add_argument("--out", type=Path, required=True, help="output folder, e.g. runs/int4.g64")
     _add_common(q)
     q.set_defaults(func=cmd_quantize)

@@ -242,8 +242,11 @@ def _gptqmodel_reference(mod):
     return q, z, w16, w32
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("bits", BITS)
-def test_gptq_tiny_llama_matches_gptqmodel(tmp_path, bits, gptqmodel, ext_cache, state_dir):
+def test_gptq_tiny_llama_matches_gptqmodel(tmp_path, bits, device, gptqmodel, ext_cache, state_dir):
+    """GPTQ (on the CPU, or on the GPU with quantize.device=cuda) converts exactly into our layers."""
     from gptqmodel import BACKEND, GPTQModel
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
@@ -255,7 +258,7 @@ def test_gptq_tiny_llama_matches_gptqmodel(tmp_path, bits, gptqmodel, ext_cache,
         fp_logits = model(x).logits
     rng = torch.get_rng_state()
     names = quantize_model_gptq(model, tiny_tokenizer(), _calibration(seed=bits), bits, group, TARGETS,
-                                work_dir=tmp_path, progress=False, keep_files=True)
+                                device=device, work_dir=tmp_path, progress=False, keep_files=True)
     assert torch.equal(rng, torch.get_rng_state()), "GPTQ must not move this process's torch RNG"
     assert len(names) == 2 * len(TARGETS)
     for n in names:

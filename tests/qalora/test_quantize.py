@@ -45,3 +45,16 @@ def test_group_not_dividing_names_layer():
 def test_unknown_target_lists_linears():
     with pytest.raises(ValueError, match="no module matches target_modules=.*q_proj"):
         quantize_model_rtn(tiny_llama(), 4, 32, ["query"], progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gptq_on_cuda_without_a_gpu_names_the_key_and_writes_nothing(tmp_path, fp_model_dir):
+    from qalora.config import QuantizeParams
+    from qalora.quantize import quantize_to_folder
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    with pytest.raises(RuntimeError, match="quantize.device=cuda but no CUDA device"):
+        quantize_to_folder(str(fp_model_dir), tmp_path / "out", QuantizeParams(device="cuda", group_size=32,
+                                                                               calib_samples=2, calib_seq_len=32), calib)
+    assert not (tmp_path / "out").exists()

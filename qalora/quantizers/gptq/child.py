@@ -39,7 +39,7 @@ def _child_main(job_path: str) -> None:
     qcfg = QuantizeConfig(
         bits=job["bits"], group_size=job["group_size"], sym=job["sym"], desc_act=False,
         act_group_aware=job["act_group_aware"], true_sequential=True, damp_percent=job["damp_percent"],
-        device="cpu", offload_to_disk_path=job["offload"], dynamic=dynamic,
+        device=job.get("device", "cpu"), offload_to_disk_path=job["offload"], dynamic=dynamic,
     )
     event(stage="load")
     gm = GPTQModel.load(job["src"], qcfg, dtype=torch.float32)

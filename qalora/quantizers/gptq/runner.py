@@ -86,6 +86,7 @@ def quantize_model_gptq(
     sym: bool = False,
     damp_percent: float = DEFAULT_DAMP_PERCENT,
     act_group_aware: bool = True,
+    device: str = "cpu",
     work_dir: str | Path,
     progress: bool = True,
     keep_files: bool = False,
@@ -95,8 +96,8 @@ def quantize_model_gptq(
     ``calibration``: 1-D token id tensors, one sample each (batch size 1, no padding).
     Asymmetric (``sym=False``) by default; act-order off (contiguous groups); true-sequential on;
     ``act_group_aware`` is GPTQModel's group-aware reordering (GAR, its default), which only
-    changes the order columns are processed in and keeps groups contiguous. Runs on the CPU in
-    fp32, in a child process (see module doc); GPTQModel's log is ``work_dir/<tmp>/gptqmodel.log``
+    changes the order columns are processed in and keeps groups contiguous. Runs on ``device``
+    (``cpu`` or ``cuda[:N]``) in fp32, in a child process (see module doc); GPTQModel's log is ``work_dir/<tmp>/gptqmodel.log``
     and is kept (with the checkpoint) when it fails or ``keep_files``. The global torch RNG of
     this process is not touched.
     """
@@ -132,7 +133,7 @@ def quantize_model_gptq(
             "src": str(src), "out": str(out), "calibration": str(tmp / "calibration.safetensors"),
             "progress": str(tmp / PROGRESS_FILE), "offload": str(tmp / "offload"),
             "bits": bits, "group_size": group_size, "sym": sym, "damp_percent": damp_percent,
-            "act_group_aware": act_group_aware, "skip": skip,
+            "act_group_aware": act_group_aware, "skip": skip, "device": device,
         }
         (tmp / "job.json").write_text(json.dumps(job, indent=1))
         n_layers = getattr(config, "num_hidden_layers", None)
