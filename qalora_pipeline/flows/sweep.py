@@ -11,6 +11,7 @@ core. Each finished variant is logged as its own MLflow run (tracking/sweep.py) 
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,8 @@ def qalora_sweep(params_file: str | None = "params/accuracy.yaml", overrides: li
                                  result.get("answers"), params)
             logged += [v] if new else []
             name = v["method"] if v["bits"] is None else f"{v['method']} int{v['bits']}.g{v['group_size']}"
-            print(f"sweep {i}/{len(todo)}: {name} {'evaluated' if not evaluation.cached else 'cached'} "
-                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
+            # stderr, not print: the flow's prints go to Prefect's logger, shown only from WARNING up
+            sys.stderr.write(f"sweep {i}/{len(todo)}: {name} {'cached' if evaluation.cached else 'evaluated'} "
+                             f"in {time.perf_counter() - t0:.0f} s\n")
             write_sweep_report(p, report, todo)
-    print(f"report: {report}")
     return {"variants": len(todo), "newly_logged": len(logged), "report": str(report)}

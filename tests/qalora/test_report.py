@@ -143,3 +143,40 @@ def test_baselines_side_by_side_and_no_per_subject_dump(tmp_path):
     assert (tmp_path / "r" / "baselines.png").read_bytes()[:8] == PNG_MAGIC
     assert "mmlu_anatomy" not in md and "| eval.mmlu_stem.acc | 0.3 |" in md
     assert "3 per-subject MMLU figures are in eval.json" in md
+
+
+def _sweep_record(method, bits, group, correct, ppl):
+    """A sweep variant with ``correct`` (list of 0/1) as its arc_easy answers."""
+    docs = {str(i): [c, f"h{i}"] for i, c in enumerate(correct)}
+    acc = sum(correct) / len(correct)
+    metrics = {"arc_easy/acc": acc, "arc_easy/acc_stderr": (acc * (1 - acc) / len(correct)) ** 0.5,
+               "wiki_ppl/perplexity": ppl}
+    return {"method": method, "bits": bits, "group_size": group, "metrics": metrics,
+            "params": {"setting.tuning": "40 steps"}, "answers": {"arc_easy": {"groups": [], "metric": "acc", "docs": docs}}}
+
+
+def test_sweep_report_marks_only_the_significant_differences(tmp_path):
+    from qalora.report.accuracy import commonsense_average, write_accuracy_report
+
+    qalora = [1] * 80 + [0] * 20
+    records = [
+        _sweep_record("fp", None, None, [1] * 85 + [0] * 15, 20.0),
+        _sweep_record("qalora", 2, 64, qalora, 30.0),
+        _sweep_record("gptq", 2, 64, [1] * 40 + [0] * 60, 2500.0),        # 40 questions worse: significant
+        _sweep_record("qlora_gptq", 2, 64, [1] * 78 + [0] * 22, 40.0),    # 2 worse: noise
+    ]
+    path = write_accuracy_report(tmp_path / "accuracy.md", records)
+    text = path.read_text()
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    vs_gptq = next(line for line in text.splitlines() if "QA-LoRA − GPTQ alone" in line)
+    vs_qlora = next(line for line in text.splitlines() if "QA-LoRA − QLoRA (NF4) → GPTQ" in line)
+    assert "+0.400*" in vs_gptq and "(n=100)" in vs_gptq
+    assert "+0.020 " in vs_qlora and "*" not in vs_qlora.split("|")[3]
+    assert "| QA-LoRA | int2.g64 |" in text and "tuning: 40 steps" in text
+    # the seven-task average needs all seven tasks
+    assert commonsense_average(records[1]["metrics"]) == (None, None)
+    seven = {f"{t}/acc": 0.5 for t in ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq",
+                                        "openbookqa")} | {f"{t}/acc_stderr": 0.07 for t in (
+        "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "openbookqa")}
+    avg, se = commonsense_average(seven)
+    assert avg == 0.5 and abs(se - 0.07 / 7 ** 0.5) < 1e-12
