@@ -114,6 +114,11 @@ def apply_qalora(
             )
         wrapped[name] = QALoRALinear(mod, rank, alpha, dropout)
         set_submodule(model, name, wrapped[name])
+    return train_only(model, wrapped)
+
+
+def train_only(model: nn.Module, wrapped: dict[str, LoRABranch]) -> dict[str, LoRABranch]:
+    """Freeze every parameter of ``model`` except the adapters' A and B; returns ``wrapped``."""
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in wrapped.values():

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qalora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRABranch, adapter_identity, adapter_layers
+from qalora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRABranch, adapter_identity, adapter_layers, train_only
 from qalora.checkpoint import unique_state_dict
 from qalora.config import TuneParams
 from qalora.device import DTYPES, resolve_device
@@ -75,12 +75,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
             mod.weight.copy_(nf4_roundtrip(mod.weight))
         wrapped[name] = LoRALinear(mod, rank, alpha, dropout)
         set_submodule(model, name, wrapped[name])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in wrapped.values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-    return wrapped
+    return train_only(model, wrapped)
 
 
 def tune_lora(source: str | Path, data_path: str | Path, out_dir: str | Path, params: TuneParams, base: Base = "fp",
