@@ -154,10 +154,13 @@ def save_adapter_files(model: nn.Module, folder: Path, config: dict[str, Any]) -
     write_json_atomic(folder / ADAPTER_CONFIG, config)
 
 
-def load_adapter_into(model: nn.Module, folder: str | Path, base_identity: str | None = None) -> dict[str, Any]:
-    """Wrap ``model``'s low-bit layers with the adapter saved in ``folder``.
+def load_adapter_into(model: nn.Module, folder: str | Path, base_identity: str | None = None,
+                      apply=None) -> dict[str, Any]:
+    """Wrap ``model``'s layers with the adapter saved in ``folder``; returns its config.
 
     ``base_identity`` (sha256 of the base's weights) guards against an adapter tuned on another base.
+    ``apply(model, rank, alpha, dropout, targets)`` wraps the layers: :func:`apply_qalora` (default, low-bit
+    layers) or :func:`qalora.lora.apply_lora` (float layers).
     """
     folder = Path(folder)
     config = read_json(folder / ADAPTER_CONFIG, "adapter config")
@@ -173,8 +176,8 @@ def load_adapter_into(model: nn.Module, folder: str | Path, base_identity: str |
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
-    layers = apply_qalora(model, config["rank"], config["alpha"], 0.0,
-                          sorted({n.split(".")[-1] for n in config["layers"]}))
+    layers = (apply or apply_qalora)(model, config["rank"], config["alpha"], 0.0,
+                                     sorted({n.split(".")[-1] for n in config["layers"]}))
     if set(layers) != set(config["layers"]):
         raise ValueError(f"adapter {folder} layers do not match the model's: "
                          f"{sorted(set(layers) ^ set(config['layers']))[:5]}")

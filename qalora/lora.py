@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from qalora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRABranch, adapter_identity, adapter_layers, train_only
+from qalora.adapter import (
+    ADAPTER_CONFIG, LoRABranch, adapter_identity, adapter_layers, load_adapter_into, train_only,
+)
 from qalora.checkpoint import unique_state_dict
 from qalora.config import TuneParams
 from qalora.device import DTYPES, resolve_device
@@ -60,6 +62,12 @@ def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(codes, state).to(weight.dtype).reshape(weight.shape)
 
 
+def lora_base_identity(source_id: str, base: str | None) -> str:
+    """The frozen base of a plain-LoRA tune: the source *and* what was done to it (an nf4 tune is another
+    base than an fp one)."""
+    return sha256_bytes(f"{source_id}:{base}".encode())
+
+
 @torch.no_grad()
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str] | tuple[str, ...],
                base: Base = "fp") -> dict[str, LoRALinear]:
@@ -86,8 +94,7 @@ def tune_lora(source: str | Path, data_path: str | Path, out_dir: str | Path, pa
     device = torch.device(resolve_device(params.device, key="tune.device"))
     dtype = resolve_dtype(params, device)
     model, tokenizer = load_base_model(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    # The frozen base is the source *and* what was done to it: an nf4 tune is another base than an fp one.
-    identity = sha256_bytes(f"{source_identity(source)}:{base}".encode())
+    identity = lora_base_identity(source_identity(source), base)
     examples = training_examples(tokenizer, source, data_path, params)
     torch.manual_seed(params.seed)
     apply_lora(model, params.rank, params.alpha, params.dropout, params.targets, base)
@@ -109,14 +116,12 @@ def merge_lora(source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
         raise ValueError(f"{adapter_dir} is a {config.get('pooling')!r}-pooled (QA-LoRA) adapter: merge it into "
                          "its quantized base with `qalora merge`, not into a float model")
     model, tokenizer = load_base_model(source, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    layers = apply_lora(model, config["rank"], config["alpha"], 0.0, sorted({n.split(".")[-1] for n in config["layers"]}))
-    if set(layers) != set(config["layers"]):
-        raise ValueError(f"adapter {adapter_dir} layers do not match {source}'s: "
-                         f"{sorted(set(layers) ^ set(config['layers']))[:5]}")
-    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    for name, layer in adapter_layers(model).items():
-        layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-        layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+    source_id = source_identity(source)
+    # the adapter must have been tuned on this source (over its fp or its NF4 weights: tune_lora's identity)
+    load_adapter_into(model, adapter_dir, base_identity=lora_base_identity(source_id, config.get("lora_base")),
+                      apply=apply_lora)
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
         weight = layer.base.weight
         weight.copy_((weight.double() + layer.delta_weight()).to(weight.dtype))
         set_submodule(model, name, layer.base)
@@ -128,7 +133,7 @@ def merge_lora(source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         return write_manifest(tmp, "merge", {}, inputs={
-            "source": {"path": str(source), "sha256": source_identity(source)},
+            "source": {"path": str(source), "sha256": source_id},
             "adapter": {"path": str(adapter_dir), "sha256": adapter_identity(adapter_dir)}},
             extra={"metrics": {"merged_layers": float(len(layers))}, "lora_base": config.get("lora_base")})
 

@@ -80,3 +80,15 @@ def test_lora_refuses_a_quantized_model(tmp_path):
     model, _, _ = load_lowbit_model(save_tiny_base(tmp_path / "base"))
     with pytest.raises(TypeError, match="not a float nn.Linear"):
         apply_lora(model, 4, 4.0, 0.0, TARGETS)
+
+
+def test_merge_refuses_an_adapter_tuned_on_another_model(tmp_path, fp_model_dir, alpaca_file):
+    from conftest import tiny_tokenizer
+
+    other = tmp_path / "other"
+    tiny_llama(seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    tune_lora(fp_model_dir, alpaca_file, tmp_path / "ad", PARAMS.model_copy(update={"steps": 1}), "nf4", progress=False)
+    with pytest.raises(ValueError, match="was tuned on base"):
+        merge_lora(other, tmp_path / "ad", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

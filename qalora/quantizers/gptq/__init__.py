@@ -9,8 +9,8 @@ the target ``nn.Linear`` layers of an fp32 HF causal LM in place with
   there), starts the child, shows a per-decoder-layer progress bar, then reads the checkpoint back
   and swaps the layers in;
 - :mod:`.child` (``python -m qalora.quantizers.gptq.child JOB.json``): runs GPTQModel (asymmetric by
-  default, act-order/``desc_act`` off so groups stay contiguous, true-sequential on, on the CPU in
-  fp32), its log going to ``gptqmodel.log``. The child keeps GPTQModel's import-time side effects
+  default, act-order/``desc_act`` off so groups stay contiguous, true-sequential on, in fp32 on the
+  CPU or a GPU: ``device``), its log going to ``gptqmodel.log``. The child keeps GPTQModel's import-time side effects
   (monkey patches of transformers/safetensors, env vars such as HF_HOME set by its tokenizer
   helper, worker thread pools, the global torch RNG its first quantize advances) out of the caller;
 - :mod:`.reader`: reads any GPTQModel/AutoGPTQ GPTQ checkpoint (``checkpoint_format`` ``gptq`` = v1
