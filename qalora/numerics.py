@@ -10,10 +10,17 @@ take the same code path (measured in benchmarks/RESULTS.md, "Deterministic numer
   STRICT also makes the result independent of the thread count.
 - oneDNN (bf16 matmul, AMX) picks its ISA (``ONEDNN_MAX_CPU_ISA``).
 
-Mode ``deterministic`` (the default of the CLI and the pipeline) pins all three to AVX2, which every
-x86-64 machine we support (AMD EPYC, Intel Xeon with or without AVX-512/AMX) runs, so the same
-inputs give the same quantized base, adapter and merged bytes on any of them. Mode ``native`` lets
-each library pick the fastest path for the CPU. The environment is read by each library when it
+Modes (measured in benchmarks/RESULTS.md, "Deterministic numerics on AMD"):
+
+- ``deterministic`` (the default of the CLI and the pipeline) pins all three to AVX2. MKL grants its
+  AVX2 branch on Intel CPUs only: on any other x86-64 CPU (AMD EPYC) it serves its AUTO branch,
+  still STRICT. So the same inputs give the same bytes on every Intel machine (with or without
+  AVX-512/AMX) and at any thread count; on an AMD machine the MKL branch, recorded in :func:`key`,
+  differs, and so do the bytes (measured), and MKL's AUTO branch may pick its kernels by CPU model.
+- ``portable`` pins MKL to its COMPATIBLE branch (SSE2 code, the one branch MKL runs alike on every
+  x86-64 CPU) and ATen/oneDNN to AVX2: the same bytes on Intel and AMD alike, at about 4x the time
+  of an fp32 matmul (measured on an AMD EPYC: 219 against 52 ms).
+- ``native`` lets each library pick the fastest path for the CPU. The environment is read by each library when it
 first runs, so :func:`pin` must be called before torch computes anything (the CLI does it before
 importing torch); :func:`activate` checks it took effect. The mode is chosen with ``QALORA_NUMERICS``.
 
@@ -28,20 +35,38 @@ import sys
 from typing import Any
 
 MODE_ENV = "QALORA_NUMERICS"
-MODES = ("deterministic", "native")
+MODES = ("deterministic", "portable", "native")
 DEFAULT_MODE = "deterministic"
 
-# The environment of the deterministic mode. CUBLAS_WORKSPACE_CONFIG makes cuBLAS deterministic
-# run to run on one GPU model (torch.use_deterministic_algorithms needs it).
+# The environment each pinned mode sets. CUBLAS_WORKSPACE_CONFIG makes cuBLAS deterministic run to
+# run on one GPU model (torch.use_deterministic_algorithms needs it).
 PINNED_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2,STRICT",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }
+MODE_ENV_VALUES = {"deterministic": PINNED_ENV, "portable": PINNED_ENV | {"MKL_CBWR": "COMPATIBLE,STRICT"}}
 _ATEN_EXPECTED = "AVX2"
-_MKL_CBWR_AVX2_STRICT = 0x1000A  # MKL_CBWR_AVX2 | MKL_CBWR_STRICT, from mkl_cbwr.h
+# mkl_cbwr.h: branches AUTO 2, COMPATIBLE 3, AVX2 10; STRICT 0x10000
+_MKL_AUTO_STRICT, _MKL_COMPATIBLE_STRICT, _MKL_AVX2_STRICT = 0x10002, 0x10003, 0x1000A
 _MKL_CBWR_ALL = -1
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def expected_mkl_branch(m: str) -> int:
+    """The MKL CNR branch pinned mode ``m`` gets on this CPU: MKL serves AVX2 on Intel CPUs only and
+    answers a request for it with its AUTO branch (strict) on the others."""
+    if m == "portable":
+        return _MKL_COMPATIBLE_STRICT
+    return _MKL_AVX2_STRICT if _cpu_vendor() == "GenuineIntel" else _MKL_AUTO_STRICT
 
 
 def mode() -> str:
@@ -55,14 +80,14 @@ def mode() -> str:
 def pin() -> str:
     """Set the environment of the requested mode for this process and its children; returns the mode.
 
-    Deterministic mode overrides values the user set for the pinned variables (the mode's point is that
-    the machine and its environment do not change the bytes); native mode leaves everything as it is.
+    The deterministic and portable modes override values the user set for the pinned variables (their
+    point is that the machine and its environment do not change the bytes); native mode leaves
+    everything as it is.
     Call before torch runs anything; :func:`activate` verifies.
     """
     m = mode()
     os.environ[MODE_ENV] = m
-    if m == "deterministic":
-        os.environ.update(PINNED_ENV)
+    os.environ.update(MODE_ENV_VALUES.get(m, {}))
     return m
 
 
@@ -84,26 +109,26 @@ def mkl_branch() -> int | None:
 def activate() -> dict[str, Any]:
     """Check the requested mode is in effect in this process and switch on its runtime parts.
 
-    Raises RuntimeError in deterministic mode when torch was initialised before :func:`pin` (the
-    CPU capability or MKL branch is not the pinned one), naming what differs and how to fix it.
+    Raises RuntimeError in a pinned mode when torch was initialised before :func:`pin` (the CPU
+    capability or MKL branch is not the pinned one), naming what differs and how to fix it.
     Returns :func:`describe`.
     """
     import torch
 
     m = mode()
-    if m == "deterministic":
+    if m in MODE_ENV_VALUES:
         problems = []
         cap = torch.backends.cpu.get_cpu_capability()
         if cap != _ATEN_EXPECTED:
             problems.append(f"ATen CPU capability is {cap}, not {_ATEN_EXPECTED}")
-        branch = mkl_branch()
-        if branch is not None and branch != _MKL_CBWR_AVX2_STRICT:
-            problems.append(f"MKL CNR branch is {branch:#x}, not AVX2,STRICT ({_MKL_CBWR_AVX2_STRICT:#x})")
+        branch, want = mkl_branch(), expected_mkl_branch(m)
+        if branch is not None and branch != want:
+            problems.append(f"MKL CNR branch is {branch:#x}, not {want:#x}")
         if problems:
             raise RuntimeError(
-                "deterministic numerics are not in effect: " + "; ".join(problems)
+                f"{m} numerics are not in effect: " + "; ".join(problems)
                 + f". torch ran before the mode was pinned: start the process with "
-                + " ".join(f"{k}={v}" for k, v in PINNED_ENV.items())
+                + " ".join(f"{k}={v}" for k, v in MODE_ENV_VALUES[m].items())
                 + f" (the qalora CLI does this), or set {MODE_ENV}=native to accept machine-dependent bytes")
         # CPU ops are deterministic run to run already; this covers the few that are not, and CUDA.
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -156,7 +181,9 @@ def describe() -> dict[str, Any]:
     """What decided this process's numerics: recorded in every manifest and in the MLflow lineage.
 
     ``key`` is what must be equal for two processes to produce the same bytes from the same inputs:
-    in deterministic mode it does not depend on the machine, in native mode it is the CPU's path.
+    in portable mode it does not depend on the machine; in deterministic mode it does on the CPU's
+    vendor (MKL's branch), and on AMD MKL's AUTO branch may also follow the CPU model (``cpu``,
+    ``cpu_isa`` tell); in native mode it is the CPU's path.
     """
     import torch
 
@@ -184,7 +211,8 @@ def _paths() -> dict[str, Any]:
 
 
 def key() -> str:
-    """The code paths that decide the bytes, e.g. ``deterministic:AVX2:0x1000a:AVX2``: part of every
+    """The code paths that decide the bytes, e.g. ``deterministic:AVX2:0x1000a:AVX2`` (Intel; 0x10002 on
+    AMD, where MKL serves no AVX2 branch): part of every
     stage cache key, so artifacts built under another mode or path are not reused as if equal."""
     return ":".join(str(v) for v in _paths().values())
 

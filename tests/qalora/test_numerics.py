@@ -63,7 +63,14 @@ def test_deterministic_mode_gives_the_same_bytes_on_every_cpu_path(tmp_path, sta
     a = _chain(tmp_path / "a", fp, calib, data, old_cpu | {"QALORA_NUMERICS": "deterministic"})
     b = _chain(tmp_path / "b", fp, calib, data, new_cpu)  # deterministic is the CLI's default
     assert a == b
-    assert a["m.numerics"] == "deterministic:AVX2:0x1000a:AVX2"
+    # MKL's AVX2 branch on Intel; on AMD MKL answers the request with its AUTO branch (still strict)
+    assert a["m.numerics"] == f"deterministic:AVX2:{numerics.expected_mkl_branch('deterministic'):#x}:AVX2"
+
+    # Portable mode: MKL's COMPATIBLE branch, the one it runs alike on every vendor's CPU.
+    pa = _chain(tmp_path / "pa", fp, calib, data, old_cpu | {"QALORA_NUMERICS": "portable"})
+    pb = _chain(tmp_path / "pb", fp, calib, data, new_cpu | {"QALORA_NUMERICS": "portable"})
+    assert pa == pb
+    assert pa["m.numerics"] == "portable:AVX2:0x10003:AVX2"
 
     # Control: without the mode the same two settings take other kernels, and the bytes differ.
     native = _chain(tmp_path / "n", fp, calib, data, old_cpu | {"QALORA_NUMERICS": "native"})
@@ -75,7 +82,7 @@ def test_mode_is_validated_and_pins_only_in_deterministic_mode(monkeypatch):
     for k in numerics.PINNED_ENV:  # so monkeypatch restores what pin() sets
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("QALORA_NUMERICS", "fast")
-    with pytest.raises(ValueError, match="QALORA_NUMERICS='fast' is not a numeric mode; valid: deterministic, native"):
+    with pytest.raises(ValueError, match="QALORA_NUMERICS='fast' is not a numeric mode; valid: deterministic, portable, native"):
         numerics.pin()
     monkeypatch.setenv("QALORA_NUMERICS", "native")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
@@ -83,6 +90,9 @@ def test_mode_is_validated_and_pins_only_in_deterministic_mode(monkeypatch):
     monkeypatch.setenv("QALORA_NUMERICS", "deterministic")
     assert numerics.pin() == "deterministic"
     assert {k: os.environ[k] for k in numerics.PINNED_ENV} == numerics.PINNED_ENV
+    monkeypatch.setenv("QALORA_NUMERICS", "portable")
+    assert numerics.pin() == "portable" and os.environ["MKL_CBWR"] == "COMPATIBLE,STRICT"
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
 
 
 def test_activate_refuses_a_process_whose_torch_ran_before_the_pin():
