@@ -71,20 +71,27 @@ def cuda_kernels_available() -> bool:
 @functools.lru_cache(maxsize=1)
 def ext() -> ModuleType:
     """The compiled extension (functions ``gemv`` and ``dequant``, see BINDING)."""
+    return build(SOURCE.read_text())
+
+
+@functools.lru_cache(maxsize=None)
+def build(src: str, defines: tuple[str, ...] = ()) -> ModuleType:
+    """Compile ``src`` (a version of ``lowbit_cuda.cu``) with ``-D`` ``defines``: the shipped kernel
+    through :func:`ext`, earlier versions and variants side by side in one benchmark process."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    src = SOURCE.read_text()
-    name = "qalora_lowbit_" + hashlib.sha256((src + BINDING).encode()).hexdigest()[:12]
-    build = Path(_get_build_directory(name, verbose=False))
-    files = [build / "binding.cpp"]
+    name = "qalora_lowbit_" + hashlib.sha256((src + BINDING + repr(defines)).encode()).hexdigest()[:12]
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    files = [build_dir / "binding.cpp"]
     files[0].write_text(BINDING)
-    (build / "lowbit_cuda.cuh").write_text(src)
+    (build_dir / "lowbit_cuda.cuh").write_text(src)
     for b in BITS:
-        files.append(build / f"lowbit_b{b}.cu")
+        files.append(build_dir / f"lowbit_b{b}.cu")
         files[-1].write_text(f'#define QLB_TU_BITS {b}\n#include "lowbit_cuda.cuh"\n')
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}" + ("a" if major == 9 else "")  # sm_90a on Hopper
     os.environ.setdefault("MAX_JOBS", str(len(files)))
-    return load(name=name, sources=[str(f) for f in files], build_directory=str(build),
-                extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+    return load(name=name, sources=[str(f) for f in files], build_directory=str(build_dir),
+                extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                                   *(f"-D{d}" for d in defines)],
                 verbose=False)

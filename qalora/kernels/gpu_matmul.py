@@ -21,7 +21,7 @@ from qalora.kernels.prepared import PreparedWeight
 
 SKINNY_MAX_M = 32  # rows above this dequantize then run cuBLAS
 EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
-MANY_TILES = 512  # 16-row tiles from which 4 warps per tile keep the SMs as busy as 8
+MANY_TILES = 1024  # 16-row tiles from which 4 warps per tile beat 8 above M = 8
 MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
 DEFAULT_STAGES = 2  # cp.async ring slots per warp: stages - 1 steps in flight while one is computed
 
@@ -36,13 +36,14 @@ def _empty(device: torch.device) -> torch.Tensor:
     return t
 
 
-def default_warps(pw: PreparedWeight) -> int:
-    """Warps per 16-row tile, each taking a slice of K: 8 when the weight has few tiles (o, down
-    of LLaMA-7B: 256 tiles), 4 when it has many (qkv 768, gate_up 1376), so that either way the
-    SMs hold enough warps; never more than one per 256-column step. The best choice at M=1 on an
-    H100 (benchmarks/kernel_sweep.py); at M=8 qkv would rather have 8 (33.7 vs 38.0 us)."""
+def default_warps(pw: PreparedWeight, m: int) -> int:
+    """Warps per 16-row tile, each taking a slice of K, for ``m`` rows: 8, except 4 for weights of
+    many tiles (LLaMA-7B gate_up: 1376) above M = 8, where 8 warps' blocks no longer fit the SMs
+    at once; never more than one per 256-column step. Measured on an H200 (``benchmarks/
+    kernel_ab.py``, RESULTS): gate_up M=8 36.6 us with 8 against 43.3 with 4, M=32 88.7 with 4
+    against 100.5 with 8; qkv (768 tiles) M=16 31.9 against 35.6 with 4."""
     tiles, steps = pw.tiles.shape[0], pw.tiles.shape[1]
-    return max(1, min(MAX_WARPS if tiles < MANY_TILES else 4, steps))
+    return max(1, min(4 if tiles >= MANY_TILES and m > 8 else MAX_WARPS, steps))
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ def gemv(
         epi = EPI_GLU if pw.glu else EPI_STORE
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
-               warps or default_warps(pw), stages, dtype == torch.bfloat16)
+               warps or default_warps(pw, m), stages, dtype == torch.bfloat16)
     return out
 
 

@@ -120,10 +120,9 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
   const int tile = blockIdx.x;
   const int s0 = warp * S / nwarps, s1 = (warp + 1) * S / nwarps;
   const uint4* tp = tiles + (size_t)tile * S * BITS * 32 + lane;
-  const float4* cp = coef + (size_t)tile * Lp * 8 + g;
+  const float4* cp = coef + (size_t)tile * Lp * 8;
   const int spg_mask = (1 << log2_spg) - 1;
   const int ng = log2_spg >= 3 ? 1 : 8 >> log2_spg;  // groups per step
-  // lane t holds the coefficients of the step's groups t and t + 4 (shuffled to all at the flush)
   const int j0 = min(t, ng - 1), j1 = min(t + 4, ng - 1);
 
   float acc[NT][4], tmp[NT][4], xsum[NT][4], ss[NT];
@@ -137,17 +136,19 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
   // Weight codes and coefficients stream through a per-warp ring of NST shared-memory slots
   // filled by cp.async: NST - 1 steps are in flight while one is computed, at no register cost
   // (a register FIFO of the same depth took 48 registers at 4 bit and capped the SM at 2 blocks).
-  // A lane reads back only the 16-byte chunks it copied itself, so no barrier is needed.
+  // A slot holds the step's codes (lane L's own chunks) and then its ng groups' coefficients once
+  // each, 8 float4 per group (ng * 8 <= 64 chunks, copied by the first lanes; two per lane would
+  // copy each 4 times at group 128): lanes read each other's coefficients, so the warp syncs
+  // between the copies landing and the reads, and before a slot is refilled.
   extern __shared__ uint4 dyn_smem[];
-  constexpr int SLOT = BITS * 32 + 64;  // uint4s per slot: codes, then 2 float4 coefficients per lane
-  uint4* ring = dyn_smem + ring_off + (size_t)warp * nst * SLOT;
+  const int slot_u4 = BITS * 32 + ng * 8;
+  uint4* ring = dyn_smem + ring_off + (size_t)warp * nst * slot_u4;
   auto issue_step = [&](int st, int slot) {
-    uint4* d = ring + slot * SLOT;
+    uint4* d = ring + slot * slot_u4;
 #pragma unroll
     for (int j = 0; j < BITS; ++j) cp_async16(d + j * 32 + lane, tp + ((size_t)st * BITS + j) * 32);
     const int gb = (st * 8) >> log2_spg;
-    cp_async16(d + BITS * 32 + 2 * lane, cp + (size_t)(gb + j0) * 8);
-    cp_async16(d + BITS * 32 + 2 * lane + 1, cp + (size_t)(gb + j1) * 8);
+    for (int i = lane; i < ng * 8; i += 32) cp_async16(d + BITS * 32 + i, cp + (size_t)gb * 8 + i);
   };
   for (int i = 0; i < nst - 1; ++i) {
     if (s0 + i < s1) issue_step(s0 + i, i);
@@ -198,18 +199,21 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
   }
   for (int s = s0; s < s1; ++s) {
     const int it = s - s0;
+    __syncwarp();  // every lane is done with the slot read last step
     if (s + nst - 1 < s1) issue_step(s + nst - 1, (it + nst - 1) % nst);  // the slot read last step
     cp_commit();
     cp_wait_pending(nst - 1);  // this step's group has landed
-    const uint4* slot = ring + (it % nst) * SLOT;
+    __syncwarp();              // ... for every lane's copies
+    const uint4* slot = ring + (it % nst) * slot_u4;
     uint32_t w[4 * BITS];
 #pragma unroll
     for (int j = 0; j < BITS; ++j) {
       const uint4 v = slot[j * 32 + lane];
       w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
     }
-    const float4 c0 = reinterpret_cast<const float4*>(slot)[BITS * 32 + 2 * lane];
-    const float4 c1 = reinterpret_cast<const float4*>(slot)[BITS * 32 + 2 * lane + 1];
+    // lane t keeps row g's coefficients of the step's groups t and t + 4 (shuffled at the flush)
+    const float4 c0 = reinterpret_cast<const float4*>(slot)[BITS * 32 + 8 * j0 + g];
+    const float4 c1 = reinterpret_cast<const float4*>(slot)[BITS * 32 + 8 * j1 + g];
 #pragma unroll
     for (int sp = 0; sp < 8; ++sp) {
       const int span = s * 8 + sp;
@@ -449,10 +453,14 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   // dynamic shared memory: the staged activations (SX: M rows of K + 32 elements, up to
   // SX_MAX_BYTES), then each warp's ring of nst slots
   const int nst = std::max(1, std::min(stages, (S + warps - 1) / warps));
-  const int slot_bytes = (BITS * 32 + 64) * 16;
+  const int ng = log2_spg >= 3 ? 1 : 8 >> log2_spg;  // groups per step
+  const int slot_bytes = (BITS * 32 + ng * 8) * 16;
   const int x_bytes = (M * (K + 32) * (int)sizeof(T) + 15) / 16 * 16;
   const bool sx = M <= SX_MAX_ROWS && K % 8 == 0 && x_bytes <= SX_MAX_BYTES;
-  const int smem = (sx ? x_bytes : 0) + warps * nst * slot_bytes;
+  // the rings' memory then holds the block reduction, fp32 [warps][NT * 4][32]: a shallow ring of
+  // small slots (2 bit, one stage) is smaller than that at NT = 4
+  const int nt = sx || M <= 8 ? 1 : (M <= 16 ? 2 : 4);
+  const int smem = (sx ? x_bytes : 0) + warps * std::max(nst * slot_bytes, nt * 4 * 32 * 4);
 #define QLB_GEMV(NT, NORM, SX)                                                                                      \
   do {                                                                                                              \
     auto kern = qlb::gemv_kernel<T, BITS, NT, NORM, SX>;                                                            \
