@@ -229,11 +229,11 @@ class StaticDecoder:
         from qalora.kernels import gpu_matmul as gpu
         from qalora.kernels.decoder_triton import attn_decode, rmsnorm, silu_mul
 
-        a, dt = self.arch, self.dtype
+        a = self.arch
         self.h.copy_(self.embed[self.tok])
         for i, lay in enumerate(self.layers):
             if self.mode == "lowbit":
-                gpu.gemv(self.h, lay["qkv"], out=self.qkv, norm_weight=lay["ln1"], eps=a.eps, dtype=dt)
+                self._norm_gemv(lay["qkv"], lay["ln1"], self.qkv)
             elif self.mode == "dense":
                 gpu.dense_gemv(self.h, lay["qkv"], out=self.qkv, norm_weight=lay["ln1"], eps=a.eps)
             else:
@@ -242,7 +242,7 @@ class StaticDecoder:
             attn_decode(self.qkv, self.kc[i], self.vc[i], self.attn, self.pos, a.inv_freq, a.heads, a.kv_heads)
             if self.mode == "lowbit":
                 gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True)
-                gpu.gemv(self.h, lay["gate_up"], out=self.act, norm_weight=lay["ln2"], eps=a.eps, dtype=dt)
+                self._norm_gemv(lay["gate_up"], lay["ln2"], self.act)
                 gpu.gemv(self.act, lay["down"], out=self.h, accumulate=True)
             elif self.mode == "dense":
                 gpu.dense_gemv(self.attn, lay["o"], out=self.h, accumulate=True)
@@ -260,6 +260,17 @@ class StaticDecoder:
         torch.matmul(self.xn, self.lm_head.t(), out=self.logits)
         torch.argmax(self.logits, dim=-1, out=self.tok)
         self.pos.add_(1)
+
+    def _norm_gemv(self, w: Any, norm_weight: torch.Tensor, out: torch.Tensor) -> None:
+        """out = rmsnorm(self.h) @ w^T: fused into the low-bit kernel while it stages x (a few rows,
+        ``gpu_matmul.stages_x``), else a separate RMSNorm pass into ``self.xn``."""
+        from qalora.kernels import gpu_matmul as gpu
+        from qalora.kernels.decoder_triton import rmsnorm
+
+        if gpu.stages_x(self.batch, self.arch.hidden):
+            gpu.gemv(self.h, w, out=out, norm_weight=norm_weight, eps=self.arch.eps, dtype=self.dtype)
+        else:
+            gpu.gemv(rmsnorm(self.h, norm_weight, self.arch.eps, self.xn), w, out=out)
 
     def _linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         if self.lowbit:

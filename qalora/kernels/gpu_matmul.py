@@ -20,6 +20,7 @@ from qalora.kernels.cuda_ext import ext
 from qalora.kernels.prepared import PreparedWeight
 
 SKINNY_MAX_M = 32  # rows above this dequantize then run cuBLAS
+SX_MAX_ROWS, SX_MAX_BYTES = 4, 24 * 1024  # lowbit_cuda.cu's limits for staging x in shared memory
 EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
 MANY_TILES = 1024  # 16-row tiles from which 4 warps per tile beat 8 above M = 8
 MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
@@ -44,6 +45,14 @@ def default_warps(pw: PreparedWeight, m: int) -> int:
     against 100.5 with 8; qkv (768 tiles) M=16 31.9 against 35.6 with 4."""
     tiles, steps = pw.tiles.shape[0], pw.tiles.shape[1]
     return max(1, min(4 if tiles >= MANY_TILES and m > 8 else MAX_WARPS, steps))
+
+
+def stages_x(m: int, k: int) -> bool:
+    """Whether the kernel stages ``m`` rows of 16-bit x [m, k] in shared memory (lowbit_cuda.cu's
+    rule). Only then does the fused RMSNorm prologue pay: without staging every warp re-reads and
+    re-normalizes fp32 x for every span, and a separate RMSNorm pass is cheaper (H200, LLaMA-7B
+    qkv/gate_up at M = 32: 203.6 us per fused call against ~71 unfused; benchmarks/RESULTS.md)."""
+    return m <= SX_MAX_ROWS and k % 8 == 0 and m * (k + 32) * 2 <= SX_MAX_BYTES
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,33 @@ def test_decoder_matches_transformers(bits):
         assert int(hn.pos) == len(ids)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not (triton_available() and cuda_kernels_available()), reason="needs CUDA, triton and nvcc")
+def test_decoder_batch_rows_match_transformers():
+    """At batch 8 the low-bit decoder normalizes x in its own pass (the kernel does not stage 8 rows):
+    every row fed the same tokens must give transformers' logits."""
+    from qalora.decoder import StaticDecoder, capture_graph, model_source
+    from qalora.kernels import gpu_matmul
+
+    m = tiny_llama(seed=5)
+    quantize_minmax(m, 4, 32)
+    m = m.cuda()
+    ids = torch.randint(0, 256, (6,), device="cuda")
+    with torch.no_grad():
+        ref = m(input_ids=ids[None]).logits[0].double()
+    hn = StaticDecoder(model_source(m, torch.device("cuda"), torch.bfloat16), "lowbit", torch.bfloat16)
+    hn.alloc(8, 16)
+    assert not gpu_matmul.stages_x(8, m.config.hidden_size)
+    with torch.no_grad():
+        g = capture_graph(hn.decode_step, warmup=0)
+        for i in range(len(ids)):
+            hn.tok.fill_(int(ids[i]))
+            g.replay()
+            for r in range(8):
+                err = float((hn.logits[r].double() - ref[i]).norm() / ref[i].norm())
+                assert err < 3e-2, (i, r, err)
+
+
 def test_bench_cli_cpu_tiny(tmp_path, monkeypatch):
     import argparse
 
