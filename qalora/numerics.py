@@ -20,9 +20,11 @@ Modes (measured in benchmarks/RESULTS.md, "Deterministic numerics on AMD"):
 - ``portable`` pins MKL to its COMPATIBLE branch (SSE2 code, the one branch MKL runs alike on every
   x86-64 CPU) and ATen/oneDNN to AVX2: the same bytes on Intel and AMD alike, at about 4x the time
   of an fp32 matmul (measured on an AMD EPYC: 219 against 52 ms).
-- ``native`` lets each library pick the fastest path for the CPU. The environment is read by each library when it
-first runs, so :func:`pin` must be called before torch computes anything (the CLI does it before
-importing torch); :func:`activate` checks it took effect. The mode is chosen with ``QALORA_NUMERICS``.
+- ``native`` lets each library pick the fastest path for the CPU.
+
+The environment is read by each library when it first runs, so :func:`pin` must be called before
+torch computes anything (the CLI does it before importing torch); :func:`activate` checks it took
+effect. The mode is chosen with ``QALORA_NUMERICS``.
 
 This module imports torch lazily: importing it must not initialise the libraries it pins.
 """
@@ -53,12 +55,13 @@ _MKL_AUTO_STRICT, _MKL_COMPATIBLE_STRICT, _MKL_AVX2_STRICT = 0x10002, 0x10003, 0
 _MKL_CBWR_ALL = -1
 
 
-def _cpu_vendor() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of ``field`` on /proc/cpuinfo's first processor (None where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("vendor_id")), "")
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith(field)), None)
     except OSError:
-        return ""
+        return None
 
 
 def expected_mkl_branch(m: str) -> int:
@@ -66,7 +69,7 @@ def expected_mkl_branch(m: str) -> int:
     answers a request for it with its AUTO branch (strict) on the others."""
     if m == "portable":
         return _MKL_COMPATIBLE_STRICT
-    return _MKL_AVX2_STRICT if _cpu_vendor() == "GenuineIntel" else _MKL_AUTO_STRICT
+    return _MKL_AVX2_STRICT if _cpuinfo("vendor_id") == "GenuineIntel" else _MKL_AUTO_STRICT
 
 
 def mode() -> str:
@@ -136,23 +139,12 @@ def activate() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_isa() -> list[str]:
     """The x86 extensions that decide which kernels the libraries may pick."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
-    except OSError:
-        return []
+    flags = (_cpuinfo("flags") or "").split()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
     return [w for w in wanted if w in flags]
 
