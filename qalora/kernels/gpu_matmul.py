@@ -22,7 +22,7 @@ from qalora.kernels.prepared import PreparedWeight
 SKINNY_MAX_M = 32  # rows above this dequantize then run cuBLAS
 SX_MAX_ROWS, SX_MAX_BYTES = 4, 24 * 1024  # lowbit_cuda.cu's limits for staging x in shared memory
 EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
-MANY_TILES = 1024  # 16-row tiles from which 4 warps per tile beat 8 above M = 8
+MANY_TILES = 768  # 16-row tiles from which blocks of 4 warps beat 8
 MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
 DEFAULT_STAGES = 2  # cp.async ring slots per warp: stages - 1 steps in flight while one is computed
 
@@ -37,14 +37,14 @@ def _empty(device: torch.device) -> torch.Tensor:
     return t
 
 
-def default_warps(pw: PreparedWeight, m: int) -> int:
-    """Warps per 16-row tile, each taking a slice of K, for ``m`` rows: 8, except 4 for weights of
-    many tiles (LLaMA-7B gate_up: 1376) above M = 8, where 8 warps' blocks no longer fit the SMs
-    at once; never more than one per 256-column step. Measured on an H200 (``benchmarks/
-    kernel_ab.py``, RESULTS): gate_up M=8 36.6 us with 8 against 43.3 with 4, M=32 88.7 with 4
-    against 100.5 with 8; qkv (768 tiles) M=16 31.9 against 35.6 with 4."""
+def default_warps(pw: PreparedWeight) -> int:
+    """Warps per block, each taking a slice of K: 4 for weights of many tiles (LLaMA-7B
+    qkv: 768, gate_up: 1376), whose blocks (two tiles each) then fit the SMs at once, else 8; never
+    more than one per 256-column step. Measured on an H200 (``benchmarks/kernel_ab.py``, RESULTS
+    round 3): qkv M=16 22.9 us with 4 against 29.5 with 8, gate_up M=32 68.2 against 83.0; o and
+    down (256 tiles) M=32 16.7 and 36.8 with 8 against 20.8 and 48.0 with 4."""
     tiles, steps = pw.tiles.shape[0], pw.tiles.shape[1]
-    return max(1, min(4 if tiles >= MANY_TILES and m > 8 else MAX_WARPS, steps))
+    return max(1, min(4 if tiles >= MANY_TILES else MAX_WARPS, steps))
 
 
 def stages_x(m: int, k: int) -> bool:
@@ -85,8 +85,8 @@ def gemv(
     - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T (a residual add).
     - a ``glu`` weight returns silu(gate) * up, [M, N/2].
     - ``dtype``: compute/output dtype (fp16/bf16); defaults to x's dtype.
-    - ``warps`` per 16-row tile (1..8, each a slice of K) and ``stages`` (1..4) of each warp's
-      shared-memory load pipeline: tuning knobs, the defaults are the measured best on an H100.
+    - ``warps`` per block (1..8, each a slice of K) and ``stages`` (1..4) of each warp's
+      shared-memory load pipeline: tuning knobs, the defaults are the measured best on an H200.
     """
     m, k = x.shape
     n = pw.out_features
@@ -117,7 +117,7 @@ def gemv(
         epi = EPI_GLU if pw.glu else EPI_STORE
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
-               warps or default_warps(pw, m), stages, dtype == torch.bfloat16)
+               warps or default_warps(pw), stages, dtype == torch.bfloat16)
     return out
 
 

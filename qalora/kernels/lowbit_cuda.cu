@@ -93,9 +93,12 @@ __device__ __forceinline__ uint32_t pair(const uint32_t* w, int P, uint32_t magi
 enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
 
 // out[m, n] = sum_k x[m, k] W[n, k] for M <= 8*NT rows of x.
-// grid: (#tiles), block: 32*W threads; warp w takes steps [w*S/W, (w+1)*S/W) of its tile and the
-// warps' partial sums are added in shared memory (split-K inside the block: no atomics, no
-// workspace, and every output element is written by one thread, so ACCUM is a plain +=).
+// grid: (cdiv(#tiles, R)), block: 32*W threads. A block takes R consecutive 16-row tiles; warp w
+// takes steps [w*S/W, (w+1)*S/W) of all of them and the warps' partial sums are added in shared
+// memory (split-K inside the block: no atomics, no workspace, and every output element is written
+// by one thread, so ACCUM is a plain +=). R > 1: each activation fragment a warp loads (and its
+// group sum, by the tensor cores) serves R tiles instead of one; at M = 32 without it every block
+// re-read all of x [32, K] from L2 for 32 KB of weights (qkv: 196 MB of L2 reads for 25 MB of codes).
 // NORM: x is an fp32 residual stream [M, K]; the input is rmsnorm(x) * nw. 1/rms(x[m]) is a
 //   per-row factor, so the kernel feeds x * nw to the mma and multiplies the result by it; the
 //   block sees all of x[m] anyway, so the sum of squares comes for free.
@@ -107,48 +110,59 @@ enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
 //   span re-reads x from L1/L2 and, with NORM, re-does the fp32 multiply and convert: at M = 1
 //   most of a warp-step's instructions (Nsight Compute, qkv 4 bit: issue-bound at 21% of DRAM
 //   bandwidth, 0.44 instructions per cycle per scheduler with 3.4 warps resident).
-template <typename T, int BITS, int NT, bool NORM, bool SX>
-__global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
+template <typename T, int BITS, int NT, bool NORM, bool SX, int R>
+__global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_kernel(
     const void* __restrict__ xv, const float* __restrict__ nw, const uint4* __restrict__ tiles,
     const float4* __restrict__ coef, const float* __restrict__ bias, void* __restrict__ outv, int M, int N,
     int K, int S, int Lp, int log2_spg, long long stride_xm, long long stride_om, int epi, float eps, int nst,
-    int ring_off) {
+    int ring_off, int ntiles) {
   constexpr float OFF = Num<T>::off;
   const uint32_t ones[4] = {Num<T>::one2, Num<T>::one2, Num<T>::one2, Num<T>::one2};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int tile = blockIdx.x;
+  const int tile0 = blockIdx.x * R;
   const int s0 = warp * S / nwarps, s1 = (warp + 1) * S / nwarps;
-  const uint4* tp = tiles + (size_t)tile * S * BITS * 32 + lane;
-  const float4* cp = coef + (size_t)tile * Lp * 8;
   const int spg_mask = (1 << log2_spg) - 1;
   const int ng = log2_spg >= 3 ? 1 : 8 >> log2_spg;  // groups per step
-  const int j0 = min(t, ng - 1), j1 = min(t + 4, ng - 1);
 
-  float acc[NT][4], tmp[NT][4], xsum[NT][4], ss[NT];
+  float acc[R][NT][4], tmp[R][NT][4], xsum[NT][4], ss[NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
     ss[n] = 0.f;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = tmp[n][e] = xsum[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) {
+      xsum[n][e] = 0.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][n][e] = tmp[r][n][e] = 0.f;
+    }
   }
 
   // Weight codes and coefficients stream through a per-warp ring of NST shared-memory slots
   // filled by cp.async: NST - 1 steps are in flight while one is computed, at no register cost
   // (a register FIFO of the same depth took 48 registers at 4 bit and capped the SM at 2 blocks).
-  // A slot holds the step's codes (lane L's own chunks) and then its ng groups' coefficients once
-  // each, 8 float4 per group (ng * 8 <= 64 chunks, copied by the first lanes; two per lane would
-  // copy each 4 times at group 128): lanes read each other's coefficients, so the warp syncs
-  // between the copies landing and the reads, and before a slot is refilled.
+  // A slot holds the step's codes of the R tiles (lane L's own chunks), then their ng groups'
+  // coefficients once each, 8 float4 per group and tile (copied by the first lanes): lanes read
+  // each other's coefficients, so the warp syncs between the copies landing and the reads, and
+  // before a slot is refilled. Tiles past the last (the grid is rounded up to R) re-read the last
+  // tile and store nothing: their rows are >= N.
   extern __shared__ uint4 dyn_smem[];
-  const int slot_u4 = BITS * 32 + ng * 8;
+  const int slot_u4 = R * (BITS * 32 + ng * 8);
+  const int log2_cpt = 6 - min(log2_spg, 3);  // coefficient chunks per tile and step: ng * 8
   uint4* ring = dyn_smem + ring_off + (size_t)warp * nst * slot_u4;
   auto issue_step = [&](int st, int slot) {
     uint4* d = ring + slot * slot_u4;
 #pragma unroll
-    for (int j = 0; j < BITS; ++j) cp_async16(d + j * 32 + lane, tp + ((size_t)st * BITS + j) * 32);
+    for (int r = 0; r < R; ++r) {
+      const uint4* tp = tiles + ((size_t)min(tile0 + r, ntiles - 1) * S + st) * BITS * 32 + lane;
+#pragma unroll
+      for (int j = 0; j < BITS; ++j) cp_async16(d + (r * BITS + j) * 32 + lane, tp + j * 32);
+    }
     const int gb = (st * 8) >> log2_spg;
-    for (int i = lane; i < ng * 8; i += 32) cp_async16(d + BITS * 32 + i, cp + (size_t)gb * 8 + i);
+    for (int i = lane; i < (R << log2_cpt); i += 32) {
+      const int r = i >> log2_cpt;
+      cp_async16(d + R * BITS * 32 + i,
+                 coef + ((size_t)min(tile0 + r, ntiles - 1) * Lp + gb) * 8 + (i - (r << log2_cpt)));
+    }
   };
   for (int i = 0; i < nst - 1; ++i) {
     if (s0 + i < s1) issue_step(s0 + i, i);
@@ -205,15 +219,7 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
     cp_wait_pending(nst - 1);  // this step's group has landed
     __syncwarp();              // ... for every lane's copies
     const uint4* slot = ring + (it % nst) * slot_u4;
-    uint32_t w[4 * BITS];
-#pragma unroll
-    for (int j = 0; j < BITS; ++j) {
-      const uint4 v = slot[j * 32 + lane];
-      w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
-    }
-    // lane t keeps row g's coefficients of the step's groups t and t + 4 (shuffled at the flush)
-    const float4 c0 = reinterpret_cast<const float4*>(slot)[BITS * 32 + 8 * j0 + g];
-    const float4 c1 = reinterpret_cast<const float4*>(slot)[BITS * 32 + 8 * j1 + g];
+    const float4* scoef = reinterpret_cast<const float4*>(slot + R * BITS * 32);
 #pragma unroll
     for (int sp = 0; sp < 8; ++sp) {
       const int span = s * 8 + sp;
@@ -247,33 +253,51 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
           b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
         }
       }
+      // X = sum of the (rounded) activations, by the tensor cores: A = ones puts it straight into
+      // the accumulator layout, and it is exactly what the OFF * X term must cancel; once for R tiles
 #pragma unroll
       for (int f = 0; f < 2; ++f) {
-        uint32_t a[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = pair<BITS>(w, 8 * sp + 4 * f + i, Num<T>::magic);
+        for (int n = 0; n < NT; ++n) mma(xsum[n], ones, b[n][2 * f], b[n][2 * f + 1], T());
+      }
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          mma(tmp[n], a, b[n][2 * f], b[n][2 * f + 1], T());
-          // X = sum of the (rounded) activations, by the tensor cores: A = ones puts it straight
-          // into the accumulator layout, and it is exactly what the OFF * X term must cancel
-          mma(xsum[n], ones, b[n][2 * f], b[n][2 * f + 1], T());
+      for (int r = 0; r < R; ++r) {
+        // the lane's code words of tile r (the ones span sp does not use are never loaded)
+        uint32_t w[4 * BITS];
+#pragma unroll
+        for (int j = 0; j < BITS; ++j) {
+          const uint4 v = slot[(r * BITS + j) * 32 + lane];
+          w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
+        }
+#pragma unroll
+        for (int f = 0; f < 2; ++f) {
+          uint32_t a[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[i] = pair<BITS>(w, 8 * sp + 4 * f + i, Num<T>::magic);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma(tmp[r][n], a, b[n][2 * f], b[n][2 * f + 1], T());
         }
       }
       if (((span + 1) & spg_mask) == 0 || (sp == 7 && s + 1 == s1)) {  // group (or slice) ends
         const int j = log2_spg >= 3 ? 0 : sp >> log2_spg;             // group within the step
-        const float4 mine = j >= 4 ? c1 : c0;
-        const int src = 4 * g + (j & 3);
-        const float sA = __shfl_sync(0xffffffffu, mine.x, src), zA = __shfl_sync(0xffffffffu, mine.y, src);
-        const float sB = __shfl_sync(0xffffffffu, mine.z, src), zB = __shfl_sync(0xffffffffu, mine.w, src);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          // {s, -s z} of rows g and g + 8 (8 distinct addresses per warp: broadcast reads)
+          const float4 c = scoef[(r * ng + j) * 8 + g];
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            acc[r][n][0] += c.x * (tmp[r][n][0] - OFF * xsum[n][0]) + c.y * xsum[n][0];
+            acc[r][n][1] += c.x * (tmp[r][n][1] - OFF * xsum[n][1]) + c.y * xsum[n][1];
+            acc[r][n][2] += c.z * (tmp[r][n][2] - OFF * xsum[n][2]) + c.w * xsum[n][2];
+            acc[r][n][3] += c.z * (tmp[r][n][3] - OFF * xsum[n][3]) + c.w * xsum[n][3];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) tmp[r][n][e] = 0.f;
+          }
+        }
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          acc[n][0] += sA * (tmp[n][0] - OFF * xsum[n][0]) + zA * xsum[n][0];
-          acc[n][1] += sA * (tmp[n][1] - OFF * xsum[n][1]) + zA * xsum[n][1];
-          acc[n][2] += sB * (tmp[n][2] - OFF * xsum[n][2]) + zB * xsum[n][2];
-          acc[n][3] += sB * (tmp[n][3] - OFF * xsum[n][3]) + zB * xsum[n][3];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) tmp[n][e] = xsum[n][e] = 0.f;
+          for (int e = 0; e < 4; ++e) xsum[n][e] = 0.f;
         }
       }
     }
@@ -282,12 +306,15 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
   // block reduction over the warps' K slices, in the rings' memory once every warp is done
   cp_wait_pending(0);
   __syncthreads();
-  float(*red)[NT * 4][32] = reinterpret_cast<float(*)[NT * 4][32]>(dyn_smem + ring_off);
+  float(*red)[R * NT * 4][32] = reinterpret_cast<float(*)[R * NT * 4][32]>(dyn_smem + ring_off);
   __shared__ float rss[8][8 * NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) red[warp][n * 4 + e][lane] = acc[n][e];
+    for (int e = 0; e < 4; ++e) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) red[warp][(r * NT + n) * 4 + e][lane] = acc[r][n][e];
+    }
     if (NORM) {
       float v = ss[n];
       v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -296,49 +323,52 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 ? 1 : 2)) gemv_kernel(
     }
   }
   __syncthreads();
-  if (warp != 0) return;
-  const int row0 = tile * 16 + g;
+  for (int r = warp; r < R; r += nwarps) {  // warp r finishes tile r
+    const int tile = tile0 + r;
+    if (tile >= ntiles) break;
+    const int row0 = tile * 16 + g;
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    float y[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float v = 0.f;
-      for (int w2 = 0; w2 < nwarps; ++w2) v += red[w2][n * 4 + e][lane];
-      y[e] = v;
-    }
-    if (NORM) {
+    for (int n = 0; n < NT; ++n) {
+      float y[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = 8 * n + 2 * t + (e & 1);
-        float q = 0.f;
-        if (SX) q = col < 8 ? rss_sx[col] : 0.f;
-        else for (int w2 = 0; w2 < nwarps; ++w2) q += rss[w2][col];
-        y[e] *= rsqrtf(q / K + eps);
+        float v = 0.f;
+        for (int w2 = 0; w2 < nwarps; ++w2) v += red[w2][(r * NT + n) * 4 + e][lane];
+        y[e] = v;
       }
-    }
-    if (bias != nullptr) {
-      if (row0 < N) { y[0] += bias[row0]; y[1] += bias[row0]; }
-      if (row0 + 8 < N) { y[2] += bias[row0 + 8]; y[3] += bias[row0 + 8]; }
-    }
+      if (NORM) {
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int col = 8 * n + 2 * t + c;
-      if (col >= M) continue;
-      if (epi == GLU) {  // rows g (gate) and g + 8 (up) of this tile are gate/up of output 8*tile+g
-        const int j = tile * 8 + g;
-        if (j < N / 2) {
-          const float gt = y[c], up = y[2 + c];
-          reinterpret_cast<T*>(outv)[col * stride_om + j] = Num<T>::from(gt / (1.f + __expf(-gt)) * up);
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * n + 2 * t + (e & 1);
+          float q = 0.f;
+          if (SX) q = col < 8 ? rss_sx[col] : 0.f;
+          else for (int w2 = 0; w2 < nwarps; ++w2) q += rss[w2][col];
+          y[e] *= rsqrtf(q / K + eps);
         }
-        continue;
+      }
+      if (bias != nullptr) {
+        if (row0 < N) { y[0] += bias[row0]; y[1] += bias[row0]; }
+        if (row0 + 8 < N) { y[2] += bias[row0 + 8]; y[3] += bias[row0 + 8]; }
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = row0 + 8 * h;
-        if (row >= N) continue;
-        if (epi == ACCUM) reinterpret_cast<float*>(outv)[col * stride_om + row] += y[2 * h + c];
-        else reinterpret_cast<T*>(outv)[col * stride_om + row] = Num<T>::from(y[2 * h + c]);
+      for (int c = 0; c < 2; ++c) {
+        const int col = 8 * n + 2 * t + c;
+        if (col >= M) continue;
+        if (epi == GLU) {  // rows g (gate) and g + 8 (up) of this tile are gate/up of output 8*tile+g
+          const int j = tile * 8 + g;
+          if (j < N / 2) {
+            const float gt = y[c], up = y[2 + c];
+            reinterpret_cast<T*>(outv)[col * stride_om + j] = Num<T>::from(gt / (1.f + __expf(-gt)) * up);
+          }
+          continue;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row0 + 8 * h;
+          if (row >= N) continue;
+          if (epi == ACCUM) reinterpret_cast<float*>(outv)[col * stride_om + row] += y[2 * h + c];
+          else reinterpret_cast<T*>(outv)[col * stride_om + row] = Num<T>::from(y[2 * h + c]);
+        }
       }
     }
   }
@@ -439,6 +469,27 @@ int smem_optin(const void* kern) {
   return dyn;
 }
 
+// Tiles per block (the kernel's R) by row count: the activation fragments (and group sums) a warp
+// loads serve R tiles. R = 2 at every M measured best on an H200 (benchmarks/RESULTS.md, round 3:
+// against R = 1, qkv 4 bit M = 16 22.9 against 34.3 us, M = 1 16.4 against 17.6; R = 4 lost at
+// M >= 8 on three of four shapes). A weight of fewer than R * QLB_MIN_BLOCKS tiles keeps R = 1,
+// too few blocks to fill the SMs. Defines, so that benchmarks/kernel_ab.py can A/B them.
+#ifndef QLB_R_SX
+#define QLB_R_SX 2
+#endif
+#ifndef QLB_R_M8
+#define QLB_R_M8 2
+#endif
+#ifndef QLB_R_M16
+#define QLB_R_M16 2
+#endif
+#ifndef QLB_R_M32
+#define QLB_R_M32 2
+#endif
+#ifndef QLB_MIN_BLOCKS
+#define QLB_MIN_BLOCKS 128
+#endif
+
 template <typename T>
 void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
                  const torch::Tensor& bias, torch::Tensor& out, int M, int N, int K, int log2_spg, int epi, double eps,
@@ -449,33 +500,41 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   const float* bp = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
   const float* np = norm ? nw.data_ptr<float>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
-  dim3 grid(T_), block(32 * warps);
-  // dynamic shared memory: the staged activations (SX: M rows of K + 32 elements, up to
-  // SX_MAX_BYTES), then each warp's ring of nst slots
   const int nst = std::max(1, std::min(stages, (S + warps - 1) / warps));
   const int ng = log2_spg >= 3 ? 1 : 8 >> log2_spg;  // groups per step
-  const int slot_bytes = (BITS * 32 + ng * 8) * 16;
   const int x_bytes = (M * (K + 32) * (int)sizeof(T) + 15) / 16 * 16;
   const bool sx = M <= SX_MAX_ROWS && K % 8 == 0 && x_bytes <= SX_MAX_BYTES;
-  // the rings' memory then holds the block reduction, fp32 [warps][NT * 4][32]: a shallow ring of
-  // small slots (2 bit, one stage) is smaller than that at NT = 4
   const int nt = sx || M <= 8 ? 1 : (M <= 16 ? 2 : 4);
-  const int smem = (sx ? x_bytes : 0) + warps * std::max(nst * slot_bytes, nt * 4 * 32 * 4);
-#define QLB_GEMV(NT, NORM, SX)                                                                                      \
+  const int r_want = sx ? QLB_R_SX : (M <= 8 ? QLB_R_M8 : (M <= 16 ? QLB_R_M16 : QLB_R_M32));
+  const int r = T_ >= r_want * QLB_MIN_BLOCKS ? r_want : 1;
+  dim3 grid((T_ + r - 1) / r), block(32 * warps);
+  // dynamic shared memory: the staged activations (SX: M rows of K + 32 elements, up to
+  // SX_MAX_BYTES), then each warp's ring of nst slots; the rings' memory then holds the block
+  // reduction, fp32 [warps][R * NT * 4][32] (more than a shallow ring of small slots can hold)
+  const int slot_bytes = r * (BITS * 32 + ng * 8) * 16;
+  const int smem = (sx ? x_bytes : 0) + warps * std::max(nst * slot_bytes, r * nt * 4 * 32 * 4);
+#define QLB_GEMV(NT, NORM, SX, R)                                                                                   \
   do {                                                                                                              \
-    auto kern = qlb::gemv_kernel<T, BITS, NT, NORM, SX>;                                                            \
+    auto kern = qlb::gemv_kernel<T, BITS, NT, NORM, SX, R>;                                                         \
     const int dyn_max = smem_optin(reinterpret_cast<const void*>(kern));                                            \
     TORCH_CHECK(smem <= dyn_max, "gemv needs ", smem, " bytes of shared memory, the device allows ", dyn_max,       \
                 "; use fewer warps or stages");                                                                     \
     kern<<<grid, block, smem, stream>>>(x.data_ptr(), np, reinterpret_cast<const uint4*>(tiles.data_ptr()),         \
                                         reinterpret_cast<const float4*>(coef.data_ptr()), bp, out.data_ptr(), M, N, \
                                         K, S, Lp, log2_spg, x.stride(0), out.stride(0), epi, (float)eps, nst,      \
-                                        SX ? x_bytes / 16 : 0);                                                     \
+                                        SX ? x_bytes / 16 : 0, T_);                                                 \
   } while (0)
-  if (sx) { if (norm) QLB_GEMV(1, true, true); else QLB_GEMV(1, false, true); }
-  else if (M <= 8) { if (norm) QLB_GEMV(1, true, false); else QLB_GEMV(1, false, false); }
-  else if (M <= 16) { if (norm) QLB_GEMV(2, true, false); else QLB_GEMV(2, false, false); }
-  else { if (norm) QLB_GEMV(4, true, false); else QLB_GEMV(4, false, false); }
+  // each row-count class instantiates R = 1 and its own R (the same kernel when that is 1)
+#define QLB_GEMV_R(NT, SX, RW)                                                                                      \
+  do {                                                                                                              \
+    if (r == 1) { if (norm) QLB_GEMV(NT, true, SX, 1); else QLB_GEMV(NT, false, SX, 1); }                           \
+    else { if (norm) QLB_GEMV(NT, true, SX, RW); else QLB_GEMV(NT, false, SX, RW); }                                \
+  } while (0)
+  if (sx) QLB_GEMV_R(1, true, QLB_R_SX);
+  else if (M <= 8) QLB_GEMV_R(1, false, QLB_R_M8);
+  else if (M <= 16) QLB_GEMV_R(2, false, QLB_R_M16);
+  else QLB_GEMV_R(4, false, QLB_R_M32);
+#undef QLB_GEMV_R
 #undef QLB_GEMV
 }
 

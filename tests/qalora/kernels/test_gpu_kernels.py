@@ -108,6 +108,32 @@ def test_gemv_pipeline_depths_and_staging(bits):
                     _check(y, _ref(xn, pw), torch.float16)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gemv_tiles_per_block(bits):
+    """Weights of >= 256 tiles take 2 tiles per block above the staged rows (lowbit_cuda.cu's
+    QLB_R_*). 257 tiles leave the last block a tile past the end: it re-reads the last tile and
+    must store nothing (N = 4104 also ends mid-tile), in the store, accumulate and glu epilogues,
+    with the fused RMSNorm read from global memory."""
+    from qalora.kernels import gpu_matmul
+
+    k = 768
+    pw = _pw(16 * 257 - 8, k, bits, 64, seed=bits, bias=True)
+    glu = _pw(16 * 257, k, bits, 128, seed=bits + 1, glu=True)
+    nw = torch.rand(k, device="cuda") + 0.5
+    for m in (6, 16, 32):
+        h = torch.randn(m, k, device="cuda")
+        x = h.bfloat16()
+        _check(gpu_matmul.gemv(x, pw), _ref(x, pw), torch.bfloat16)
+        out = torch.randn(m, pw.out_features, device="cuda")
+        o = out.clone()
+        gpu_matmul.gemv(x, pw, out=o, accumulate=True)
+        _check(o - out, _ref(x, pw), torch.bfloat16)
+        xn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+        y = gpu_matmul.gemv(h, glu, norm_weight=nw, dtype=torch.float16)
+        assert y.shape == (m, glu.out_features // 2)
+        _check(y, _ref(xn, glu), torch.float16)
+
+
 def test_dequant_kernel_exact():
     from qalora.kernels import gpu_matmul
 
