@@ -96,13 +96,14 @@ def run_case(variants, shape: str, n: int, k: int, bits: int, group: int, ms, la
 def summary(rows: list[dict]) -> str:
     """Best launch per (case, variant), and each variant's best against the first variant's best."""
     ok = [r for r in rows if "us" in r]
-    cases = list(dict.fromkeys((r["shape"], r["bits"], r["norm"], r["M"]) for r in ok))
+    key = ("shape", "bits", "group", "norm", "M")  # the group too: the extras rerun qkv at groups 32 and 64
+    cases = list(dict.fromkeys(tuple(r[c] for c in key) for r in ok))
     names = list(dict.fromkeys(r["variant"] for r in rows))
-    out = ["| shape | bits | norm | M | " + " | ".join(names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    out = ["| " + " | ".join(key) + " | " + " | ".join(names) + " |", "|---|---|---|---|---|" + "---|" * len(names)]
     for case in cases:
         cells, base = [], None
         for v in names:
-            rs = [r for r in ok if (r["shape"], r["bits"], r["norm"], r["M"]) == case and r["variant"] == v]
+            rs = [r for r in ok if tuple(r[c] for c in key) == case and r["variant"] == v]
             if not rs:
                 cells.append("–")
                 continue
