@@ -110,6 +110,8 @@ enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
 //   span re-reads x from L1/L2 and, with NORM, re-does the fp32 multiply and convert: at M = 1
 //   most of a warp-step's instructions (Nsight Compute, qkv 4 bit: issue-bound at 21% of DRAM
 //   bandwidth, 0.44 instructions per cycle per scheduler with 3.4 warps resident).
+// Blocks per SM: with R = 1 above NT = 1 two (128 registers); left free, ptxas took 212 at NT = 4 and one
+// block per SM lost 1.4x (benchmarks/RESULTS.md, round 3). R = 2 at NT = 4 needs ~254.
 template <typename T, int BITS, int NT, bool NORM, bool SX, int R>
 __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_kernel(
     const void* __restrict__ xv, const float* __restrict__ nw, const uint4* __restrict__ tiles,
