@@ -59,6 +59,8 @@ FAMILIES = list(LAYOUT)
 GPTQ_FAMILIES = ["qwen2", "phi3", "qwen3_moe"]  # biases of tens, fused projections (split by GPTQModel), experts
 GGUF_FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "qwen3_moe"]
 MOE_FAMILIES = ("qwen3_moe", "mixtral")  # stacked experts, split into per-expert layers when loaded
+TIED = {"llama", "qwen2", "gemma2", "gemma3"}
+PROMPT = [1, 40, 90, 71, 77, 14, 3, 50, 60, 70, 80, 90, 100, 110, 120, 130]  # 16 byte-token ids
 
 
 def assert_same_forward(got: torch.Tensor, want: torch.Tensor, family: str) -> None:
@@ -69,8 +71,6 @@ def assert_same_forward(got: torch.Tensor, want: torch.Tensor, family: str) -> N
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(got, want)
-TIED = {"llama", "qwen2", "gemma2", "gemma3"}
-PROMPT = [1, 40, 90, 71, 77, 14, 3, 50, 60, 70, 80, 90, 100, 110, 120, 130]  # 16 byte-token ids
 
 
 def _calibration(folder):
