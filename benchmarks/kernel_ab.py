@@ -1,13 +1,18 @@
 """A/B of versions of the skinny low-bit kernel (``lowbit_cuda.cu``) in one process, on the same weights.
 
 Each ``--variant NAME=SOURCE[:DEFINE,...]`` is compiled side by side (``cuda_ext.build``); ``SOURCE`` is a
-.cu file (``shipped`` = this tree's). Every variant x warps x stages is checked against an fp32
+.cu file (``shipped`` = this tree's); the pseudo-define ``PDL=0`` makes its launches plain instead of
+programmatic dependent ones (``gpu_matmul.gemv``'s ``pdl``). Every variant x warps x stages is checked against an fp32
 reference, then timed as CUDA-graph replays over weight copies rotated past the L2 (``peers.py``'s
 timer), on the LLaMA-7B projection shapes at each M, with torch's tinygemm INT4 on the same weights as the
 peer in the same run. Also the fused-RMSNorm and 3-/2-bit paths at M = 1.
 
     git show a919170:qalora/kernels/lowbit_cuda.cu > .gpu/lowbit_cuda_a919170.cu
     python benchmarks/kernel_ab.py --variant old=.gpu/lowbit_cuda_a919170.cu --variant new=shipped --json $OUT/kernel_ab.json
+
+``--chain L`` also times L LLaMA-7B layers' GEMVs back to back in one CUDA graph (fused-norm qkv, o into the
+residual, fused-norm gate|up with SiLU*up, down into the residual; no attention) per variant, checking
+each variant's residual stream against the first's: the kernel boundaries a decode step has.
 """
 
 from __future__ import annotations
@@ -25,15 +30,20 @@ import torch  # noqa: E402
 
 from peers import L2_BYTES, SHAPES, dequant_ref, log, random_weight, rel_err, time_graph, tinygemm  # noqa: E402
 from qalora.kernels import cuda_ext  # noqa: E402
+from qalora.kernels.gpu_matmul import default_warps, stages_x  # noqa: E402
 from qalora.kernels.prepared import prepare_layer  # noqa: E402
 from qalora.lowbit import LowBitLinear  # noqa: E402
 
 
 def parse_variant(spec: str):
+    """NAME=SOURCE[:DEFINE,...] -> (name, (module, pdl))."""
     name, _, rest = spec.partition("=")
     src, _, defs = rest.partition(":")
     path = cuda_ext.SOURCE if src == "shipped" else Path(src)
-    return name, cuda_ext.build(path.read_text(), tuple(d for d in defs.split(",") if d))
+    defines = [d for d in defs.split(",") if d]
+    pdl = "PDL=0" not in defines
+    defines = tuple(d for d in defines if d != "PDL=0")
+    return name, (cuda_ext.build(path.read_text(), defines), pdl)
 
 
 def prepared(q, s, z, bits: int, group: int):
@@ -43,16 +53,20 @@ def prepared(q, s, z, bits: int, group: int):
     return prepare_layer(layer)
 
 
-def caller(mod, pw, warps: int, stages: int, norm_weight: torch.Tensor | None):
-    """x [M, K] -> bf16 [M, N] through ``mod``'s gemv with this launch (epilogue STORE)."""
+def call(variant, x, pw, out, epi: int, norm_weight, warps: int, stages: int) -> torch.Tensor:
+    """``variant``'s gemv of x [M, K] into ``out`` (epilogue ``epi``, bf16 compute)."""
+    mod, pdl = variant
     empty = torch.empty(0, dtype=torch.float32, device="cuda")
-    nw = empty if norm_weight is None else norm_weight
+    mod.gemv(x, empty if norm_weight is None else norm_weight, pw.tiles, pw.coef, empty, out, pw.bits,
+             pw.out_features, pw.in_features, pw.log2_spg, epi, 1e-6, warps, stages, True, pdl)
+    return out
 
+
+def caller(variant, pw, warps: int, stages: int, norm_weight: torch.Tensor | None):
+    """x [M, K] -> bf16 [M, N] through ``variant``'s gemv with this launch (epilogue STORE)."""
     def fn(x):
         out = torch.empty(x.shape[0], pw.out_features, device="cuda", dtype=torch.bfloat16)
-        mod.gemv(x, nw, pw.tiles, pw.coef, empty, out, pw.bits, pw.out_features, pw.in_features, pw.log2_spg, 0,
-                 1e-6, warps, stages, True)
-        return out
+        return call(variant, x, pw, out, 0, norm_weight, warps, stages)
     return fn
 
 
@@ -75,12 +89,12 @@ def run_case(variants, shape: str, n: int, k: int, bits: int, group: int, ms, la
             row.update(us=round(us, 2), tb_s=round((wbytes + m * k * 2 + m * n * 2) / us / 1e6, 3))
             rows.append(row)
             log(json.dumps(row))
-        for vname, mod in variants:
+        for vname, variant in variants:
             for warps, stages in launches:
                 row = {"shape": shape, "N": n, "K": k, "M": m, "bits": bits, "group": group, "norm": norm,
                        "variant": vname, "warps": warps, "stages": stages}
                 try:
-                    fns = [caller(mod, pw, warps, stages, nw) for pw in pws]
+                    fns = [caller(variant, pw, warps, stages, nw) for pw in pws]
                     row["rel_err"] = rel_err(fns[0](x), ref)
                     if not row["rel_err"] < 2e-2:
                         row["error"] = f"wrong result: rel error {row['rel_err']:.3g}"
@@ -93,9 +107,70 @@ def run_case(variants, shape: str, n: int, k: int, bits: int, group: int, ms, la
                 log(json.dumps(row))
 
 
+def chain_layers(n_layers: int) -> list[dict]:
+    """Random 4-bit g128 LLaMA-7B layers: prepared qkv / o / gate_up (glu) / down and two norm weights."""
+    from qalora.decoder import _rand_canon
+    from qalora.kernels.prepared import prepare_weight
+
+    d, f = SHAPES["o"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = []
+    for _ in range(n_layers):
+        lay = {"ln1": torch.rand(d, device="cuda") + 0.5, "ln2": torch.rand(d, device="cuda") + 0.5}
+        for key, (n, k) in SHAPES.items():
+            c = _rand_canon(n, k, 4, 128, torch.device("cuda"), gen)
+            lay[key] = prepare_weight(c.qweight, c.scales, c.zeros, 4, 128, k, glu=key == "gate_up")
+            lay[key].drop_canonical()
+        layers.append(lay)
+    return layers
+
+
+def run_chain(variants, layers: list[dict], ms, stages_list, rows: list) -> None:
+    """Each variant's GEMVs of ``layers`` back to back in one CUDA graph (µs per layer), and its residual
+    stream after one pass against the first variant's (a dependent launch that raced would differ)."""
+    from qalora.kernels.decoder_triton import rmsnorm
+
+    d, f = SHAPES["o"][0], SHAPES["down"][1]
+    for m in ms:
+        gen = torch.Generator(device="cuda").manual_seed(m)
+        h0 = torch.randn(m, d, device="cuda", generator=gen)
+        attn = torch.randn(m, d, device="cuda", generator=gen).bfloat16()
+        first = None
+        for vname, variant in variants:
+            for stages in stages_list:
+                h = h0.clone()
+                qkv = torch.empty(m, SHAPES["qkv"][0], device="cuda", dtype=torch.bfloat16)
+                act = torch.empty(m, f, device="cuda", dtype=torch.bfloat16)
+                xn = torch.empty(m, d, device="cuda", dtype=torch.bfloat16)
+
+                def normed(w, nw, out, epi):
+                    if stages_x(m, d):
+                        return call(variant, h, w, out, epi, nw, default_warps(w), stages)
+                    return call(variant, rmsnorm(h, nw, 1e-6, xn), w, out, epi, None, default_warps(w), stages)
+
+                def step(_=None):
+                    for lay in layers:
+                        normed(lay["qkv"], lay["ln1"], qkv, 0)
+                        call(variant, attn, lay["o"], h, 1, None, default_warps(lay["o"]), stages)
+                        normed(lay["gate_up"], lay["ln2"], act, 2)
+                        call(variant, act, lay["down"], h, 1, None, default_warps(lay["down"]), stages)
+
+                row = {"chain": len(layers), "M": m, "variant": vname, "stages": stages}
+                step()
+                torch.cuda.synchronize()
+                if first is None:
+                    first = h.clone()
+                row["rel_err_vs_first"] = rel_err(h, first)
+                us = time_graph([step], h) / len(layers)  # h is only the timer's argument here
+                row["us_per_layer"] = round(us, 2)
+                rows.append(row)
+                log(json.dumps(row))
+
+
 def summary(rows: list[dict]) -> str:
     """Best launch per (case, variant), and each variant's best against the first variant's best."""
     ok = [r for r in rows if "us" in r]
+    chain = [r for r in rows if "chain" in r]
     key = ("shape", "bits", "group", "norm", "M")  # the group too: the extras rerun qkv at groups 32 and 64
     cases = list(dict.fromkeys(tuple(r[c] for c in key) for r in ok))
     names = list(dict.fromkeys(r["variant"] for r in rows))
@@ -112,6 +187,9 @@ def summary(rows: list[dict]) -> str:
             launch = f"w{b['warps']}s{b['stages']}, " if b["warps"] else ""
             cells.append(f"{b['us']:.1f} ({launch}{base / b['us']:.2f}x)")
         out.append("| " + " | ".join(map(str, case)) + " | " + " | ".join(cells) + " |")
+    for r in chain:
+        out.append(f"chain M={r['M']} {r['variant']} s{r['stages']}: {r['us_per_layer']} us/layer "
+                   f"(residual rel. diff to first {r['rel_err_vs_first']:.2e})")
     return "\n".join(out)
 
 
@@ -123,9 +201,11 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help="none: only the chain")
     ap.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
                     help="also the RMSNorm, 3-/2-bit and group 32/64 cases")
+    ap.add_argument("--chain", type=int, default=0, help="layers of the back-to-back GEMV chain (0: none)")
+    ap.add_argument("--chain-m", type=int, nargs="+", default=[1, 8, 16, 32])
     args = ap.parse_args()
     variants = [parse_variant(v) for v in args.variant]
     launches = [(w, s) for w in args.warps for s in args.stages]
@@ -141,6 +221,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(out, indent=1))
     for group in (32, 64) if args.extras else []:  # the coefficient slots at the small groups
         run_case(variants, "qkv", *SHAPES["qkv"], 4, group, [1, 4], launches, False, rows)
+    if args.chain:
+        run_chain(variants, chain_layers(args.chain), args.chain_m, args.stages, rows)
     Path(args.json).write_text(json.dumps(out, indent=1))
     log(summary(rows))
 

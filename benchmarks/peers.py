@@ -5,7 +5,9 @@ float zeros (W = s * (q - z)), each kernel is first checked against an fp32 refe
 data, then timed as CUDA-graph replays over enough weight copies to rotate past the L2:
 
 - ``ours``: ``qalora.kernels.gpu_matmul`` (the skinny kernel up to 32 rows, dequant + cuBLAS above), at its
-  default launch and at each ``--warps`` x ``--stages`` (M <= 32);
+  default launch and at each ``--warps`` x ``--stages`` (M <= 32), as a plain launch; ``ours+pdl`` as a
+  programmatic dependent launch, the decoder's default: each call then overlaps the one before it in the
+  timer's graph, as consecutive GEMVs of a decode step do (a figure for back-to-back calls, not one call);
 - ``tinygemm``: torch's ``_weight_int4pack_mm`` (the same weights: zero = s * (8 - z) in its convention);
 - ``gemlite``: GemLite's A16W4 HQQ-INT Triton kernels (the same W = s * (q - z)), its packaged H100 configs;
 - ``cublas``: ``F.linear`` on the same weights dequantized to bf16.
@@ -64,7 +66,8 @@ class Kernel:
         self.name, self.fn, self.weight_bytes = name, fn, weight_bytes
 
 
-def ours(q, s, z, bits: int, group: int, warps: int | None = None, stages: int | None = None):
+def ours(q, s, z, bits: int, group: int, warps: int | None = None, stages: int | None = None, pdl: bool = False):
+    """(``pdl`` off by default: with it, back-to-back calls of the timer's graph overlap, which no peer does.)"""
     from qalora.kernels import gpu_matmul
     from qalora.kernels.prepared import prepare_layer
     from qalora.lowbit import LowBitLinear
@@ -75,8 +78,8 @@ def ours(q, s, z, bits: int, group: int, warps: int | None = None, stages: int |
     pw = prepare_layer(layer)
 
     def fn(x):
-        if x.shape[0] <= gpu_matmul.SKINNY_MAX_M and (warps or stages):
-            return gpu_matmul.gemv(x, pw, warps=warps, stages=stages or gpu_matmul.DEFAULT_STAGES)
+        if x.shape[0] <= gpu_matmul.SKINNY_MAX_M:
+            return gpu_matmul.gemv(x, pw, warps=warps, stages=stages or gpu_matmul.DEFAULT_STAGES, pdl=pdl)
         return gpu_matmul.matmul(x, pw)
     return fn
 
@@ -133,7 +136,9 @@ def time_graph(fns: list, x: torch.Tensor, reps: int = 20) -> float:
 
 def bench_shape(name: str, n: int, k: int, ms: list[int], args, rows: list) -> None:
     group = args.group
-    builders = {"ours": lambda q, s, z: ours(q, s, z, 4, group), "tinygemm": lambda q, s, z: tinygemm(q, s, z, group),
+    builders = {"ours": lambda q, s, z: ours(q, s, z, 4, group),
+                "ours+pdl": lambda q, s, z: ours(q, s, z, 4, group, pdl=True),
+                "tinygemm": lambda q, s, z: tinygemm(q, s, z, group),
                 "gemlite": lambda q, s, z: gemlite(q, s, z, group), "cublas": lambda q, s, z: cublas(q, s, z, group)}
     for w in args.warps:
         for st in args.stages:

@@ -25,21 +25,22 @@ BINDING = """
 #include <torch/extension.h>
 #define QLB_DECL(B)                                                                                          \\
   void gemv_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,   \\
-                 int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool);                       \\
+                 int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool);                 \\
   void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);
 QLB_DECL(2) QLB_DECL(3) QLB_DECL(4)
 
 // x [M, K] (fp16/bf16, or fp32 with nw), tiles int32 [T, S, bits, 32, 4], coef fp32 [T, Lp, 8, 4],
-// out: [M, N] (epi 0, compute dtype), fp32 [M, N] (epi 1), [M, N/2] (epi 2)
+// out: [M, N] (epi 0, compute dtype), fp32 [M, N] (epi 1), [M, N/2] (epi 2); pdl: programmatic
+// dependent launch
 void gemv(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef, torch::Tensor bias,
           torch::Tensor out, int64_t bits, int64_t n, int64_t k, int64_t log2_spg, int64_t epi, double eps,
-          int64_t warps, int64_t stages, bool bf16) {
+          int64_t warps, int64_t stages, bool bf16, bool pdl) {
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 32, "gemv takes 1..32 rows");
   TORCH_CHECK(warps >= 1 && warps <= 8, "1..8 warps per block");
   TORCH_CHECK(stages >= 1 && stages <= 4, "1..4 pipeline stages");
-  if (bits == 4) gemv_b4(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16);
-  else if (bits == 3) gemv_b3(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16);
-  else if (bits == 2) gemv_b2(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16);
+  if (bits == 4) gemv_b4(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
+  else if (bits == 3) gemv_b3(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
+  else if (bits == 2) gemv_b2(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
 }
 
@@ -82,12 +83,13 @@ def build(src: str, defines: tuple[str, ...] = ()) -> ModuleType:
 
     name = "qalora_lowbit_" + hashlib.sha256((src + BINDING + repr(defines)).encode()).hexdigest()[:12]
     build_dir = Path(_get_build_directory(name, verbose=False))
-    files = [build_dir / "binding.cpp"]
-    files[0].write_text(BINDING)
-    (build_dir / "lowbit_cuda.cuh").write_text(src)
-    for b in BITS:
-        files.append(build_dir / f"lowbit_b{b}.cu")
-        files[-1].write_text(f'#define QLB_TU_BITS {b}\n#include "lowbit_cuda.cuh"\n')
+    texts = {"binding.cpp": BINDING, "lowbit_cuda.cuh": src,
+             **{f"lowbit_b{b}.cu": f'#define QLB_TU_BITS {b}\n#include "lowbit_cuda.cuh"\n' for b in BITS}}
+    for fname, text in texts.items():  # rewritten only when changed: a newer file makes ninja rebuild
+        f = build_dir / fname
+        if not f.is_file() or f.read_text() != text:
+            f.write_text(text)
+    files = [build_dir / f for f in texts if f != "lowbit_cuda.cuh"]
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major}{minor}" + ("a" if major == 9 else "")  # sm_90a on Hopper
     os.environ.setdefault("MAX_JOBS", str(len(files)))

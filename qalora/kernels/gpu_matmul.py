@@ -77,6 +77,7 @@ def gemv(
     dtype: torch.dtype | None = None,
     warps: int | None = None,
     stages: int = DEFAULT_STAGES,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias).
 
@@ -87,6 +88,11 @@ def gemv(
     - ``dtype``: compute/output dtype (fp16/bf16); defaults to x's dtype.
     - ``warps`` per block (1..8, each a slice of K) and ``stages`` (1..4) of each warp's
       shared-memory load pipeline: tuning knobs, the defaults are the measured best on an H200.
+    - ``pdl``: a programmatic dependent launch: the kernel's blocks may start, and ask for their first
+      weights, while the kernel before it on the stream finishes; they wait for it before they touch
+      x or ``out``, so the result is the same bits either way. Measured on an H200 with 32 LLaMA-7B
+      layers' GEMVs back to back: 2-3% less time per layer at M = 16 and 32, within +1-2.5% at M = 1
+      and 8 (benchmarks/RESULTS.md, round 4).
     """
     m, k = x.shape
     n = pw.out_features
@@ -117,7 +123,7 @@ def gemv(
         epi = EPI_GLU if pw.glu else EPI_STORE
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
-               warps or default_warps(pw), stages, dtype == torch.bfloat16)
+               warps or default_warps(pw), stages, dtype == torch.bfloat16, pdl)
     return out
 
 

@@ -77,6 +77,12 @@ __device__ __forceinline__ void cp_wait_pending(int n) {
   else asm volatile("cp.async.wait_group 3;" ::: "memory");
 }
 
+// Programmatic dependent launch (sm_90): the next kernel on the stream may start once every block
+// of this one has triggered; griddepcontrol.wait then blocks until this whole grid has finished and
+// its writes are visible. Both are no-ops for a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 // Pair P of a lane's step (64 pairs in 4*BITS words) as two 16-bit floats OFF + q, given MAGIC.
 // P is a compile-time constant after unrolling, so every shift and word index is an immediate.
 template <int BITS>
@@ -166,19 +172,19 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
                  coef + ((size_t)min(tile0 + r, ntiles - 1) * Lp + gb) * 8 + (i - (r << log2_cpt)));
     }
   };
+  pdl_trigger();
   for (int i = 0; i < nst - 1; ++i) {
     if (s0 + i < s1) issue_step(s0 + i, i);
     cp_commit();
   }
+  pdl_wait();
 
   // SX staging: row r of x at sx[r * ldx], padded by 32 elements so that rows g and g+1 of a
   // quarter-warp's 16-byte loads fall in different banks
   const T* sx = reinterpret_cast<const T*>(dyn_smem);
   const int ldx = K + 32;
-  __shared__ float rss_sx[8];
+  __shared__ float rss_sx[8][8];
   if (SX) {
-    if (threadIdx.x < 8) rss_sx[threadIdx.x] = 0.f;
-    if (NORM) __syncthreads();
     const int chunks = K >> 3;
     float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
     for (int idx = threadIdx.x; idx < M * chunks; idx += blockDim.x) {
@@ -208,7 +214,7 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
         float q = ssr[rr];
 #pragma unroll
         for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-        if (lane == 0) atomicAdd(&rss_sx[rr], q);
+        if (lane == 0) rss_sx[warp][rr] = q;
       }
     }
     __syncthreads();
@@ -343,7 +349,7 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
         for (int e = 0; e < 4; ++e) {
           const int col = 8 * n + 2 * t + (e & 1);
           float q = 0.f;
-          if (SX) q = col < 8 ? rss_sx[col] : 0.f;
+          if (SX) for (int w2 = 0; w2 < nwarps && col < 8; ++w2) q += rss_sx[w2][col];
           else for (int w2 = 0; w2 < nwarps; ++w2) q += rss[w2][col];
           y[e] *= rsqrtf(q / K + eps);
         }
@@ -492,10 +498,27 @@ int smem_optin(const void* kern) {
 #define QLB_MIN_BLOCKS 128
 #endif
 
+// kern<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when pdl is set
+// (gemv_kernel's pdl_trigger / pdl_wait).
+template <typename... Params, typename... Args>
+void launch(void (*kern)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, static_cast<Params>(args)...));
+}
+
 template <typename T>
 void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
                  const torch::Tensor& bias, torch::Tensor& out, int M, int N, int K, int log2_spg, int epi, double eps,
-                 int warps, int stages) {
+                 int warps, int stages, bool pdl) {
   constexpr int BITS = QLB_TU_BITS;
   const int T_ = tiles.size(0), S = tiles.size(1), Lp = coef.size(1);
   const bool norm = nw.numel() > 0;
@@ -521,10 +544,9 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
     const int dyn_max = smem_optin(reinterpret_cast<const void*>(kern));                                            \
     TORCH_CHECK(smem <= dyn_max, "gemv needs ", smem, " bytes of shared memory, the device allows ", dyn_max,       \
                 "; use fewer warps or stages");                                                                     \
-    kern<<<grid, block, smem, stream>>>(x.data_ptr(), np, reinterpret_cast<const uint4*>(tiles.data_ptr()),         \
-                                        reinterpret_cast<const float4*>(coef.data_ptr()), bp, out.data_ptr(), M, N, \
-                                        K, S, Lp, log2_spg, x.stride(0), out.stride(0), epi, (float)eps, nst,      \
-                                        SX ? x_bytes / 16 : 0, T_);                                                 \
+    launch(kern, grid, block, smem, stream, pdl, x.data_ptr(), np, reinterpret_cast<const uint4*>(tiles.data_ptr()), \
+           reinterpret_cast<const float4*>(coef.data_ptr()), bp, out.data_ptr(), M, N, K, S, Lp, log2_spg,         \
+           x.stride(0), out.stride(0), epi, (float)eps, nst, SX ? x_bytes / 16 : 0, T_);                           \
   } while (0)
   // each row-count class instantiates R = 1 and its own R (the same kernel when that is 1)
 #define QLB_GEMV_R(NT, SX, RW)                                                                                      \
@@ -553,10 +575,10 @@ void launch_dequant(const torch::Tensor& tiles, const torch::Tensor& coef, T* ou
 
 void QLB_CAT(gemv_b, QLB_TU_BITS)(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef,
                                   torch::Tensor bias, torch::Tensor out, int64_t n, int64_t k, int64_t log2_spg,
-                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16) {
+                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16, bool pdl) {
   const int M = x.size(0);
-  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages);
-  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages);
+  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl);
+  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -134,6 +134,47 @@ def test_gemv_tiles_per_block(bits):
         _check(y, _ref(xn, glu), torch.float16)
 
 
+@pytest.mark.parametrize("m", [1, 8])
+def test_gemv_dependent_launches(m):
+    """Programmatic dependent launches (the default) start each kernel while the one before it runs;
+    each must still read its input only once that one is done. A chain of GEMVs, each reading the
+    previous one's output (fused norm + store, then accumulate into the stream it normalized), eager
+    and in a CUDA graph, gives the same bits as plain launches."""
+    from qalora.kernels import gpu_matmul
+
+    k = 4096  # 8 MB weights: kernels long enough that a missing wait would read a stale input
+    w1, w2 = _pw(k, k, 4, 128, seed=1), _pw(k, k, 4, 128, seed=2)
+    nw = torch.rand(k, device="cuda") + 0.5
+    h0 = torch.randn(m, k, device="cuda")
+
+    def chain(**kw):
+        h = h0.clone()
+        for _ in range(4):
+            a = gpu_matmul.gemv(h, w1, norm_weight=nw, dtype=torch.bfloat16, **kw)
+            gpu_matmul.gemv(a, w2, out=h, accumulate=True, **kw)
+        return h
+
+    plain = chain(pdl=False)
+    xn = h0 * torch.rsqrt(h0.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+    _check(gpu_matmul.gemv(h0, w1, norm_weight=nw, dtype=torch.bfloat16), _ref(xn, w1), torch.bfloat16)
+    for _ in range(3):
+        assert torch.equal(chain(), plain)
+        assert torch.equal(chain(pdl=False), plain)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)
+
+
 def test_dequant_kernel_exact():
     from qalora.kernels import gpu_matmul
 
