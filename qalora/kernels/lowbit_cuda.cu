@@ -13,7 +13,8 @@
 // Codes become fp16/bf16 without conversions: OR-ing a code into the low mantissa bits of 1024.0
 // (fp16, 0x6400) or 128.0 (bf16, 0x4300) gives OFF + q exactly, one LOP3 per two codes. The mma
 // accumulates P' = sum x (q + OFF) in fp32 per group; the group epilogue applies the fp32
-// coefficients: y += s * (P' - OFF * X) + (-s z) * X with X = sum x over the group.
+// coefficients: y += s * (P' - OFF * X) + (-s z) * X = s * P' + (-s z - OFF s) * X with X = sum x
+// over the group.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -83,13 +84,22 @@ __device__ __forceinline__ void cp_wait_pending(int n) {
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
+// (a & MASK) | c as one LOP3. Written in C++ with both constants as immediates, ptxas emits two
+// (a LOP3 takes one immediate): half of the unpacking instructions of a step (SASS, round 4).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));
+  return d;
+}
+
 // Pair P of a lane's step (64 pairs in 4*BITS words) as two 16-bit floats OFF + q, given MAGIC.
 // P is a compile-time constant after unrolling, so every shift and word index is an immediate.
 template <int BITS>
 __device__ __forceinline__ uint32_t pair(const uint32_t* w, int P, uint32_t magic) {
-  if (BITS == 4) return ((w[P >> 2] >> (4 * (P & 3))) & 0x000f000fu) | magic;
-  if (BITS == 2) return ((w[P >> 3] >> (2 * (P & 7))) & 0x00030003u) | magic;
-  if (P < 60) return ((w[P / 5] >> (3 * (P % 5))) & 0x00070007u) | magic;
+  if (BITS == 4) return and_or<0x000f000fu>(w[P >> 2] >> (4 * (P & 3)), magic);
+  if (BITS == 2) return and_or<0x00030003u>(w[P >> 3] >> (2 * (P & 7)), magic);
+  if (P < 60) return and_or<0x00070007u>(w[P / 5] >> (3 * (P % 5)), magic);
   // 3 bit, pairs 60..63: bit b of each code sits in bit 15 (low code) / 31 (high code) of word 3j+b
   const int j = P - 60;
   return ((w[3 * j] >> 15) & 0x00010001u) | ((w[3 * j + 1] >> 14) & 0x00020002u) |
@@ -157,24 +167,29 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
   const int slot_u4 = R * (BITS * 32 + ng * 8);
   const int log2_cpt = 6 - min(log2_spg, 3);  // coefficient chunks per tile and step: ng * 8
   uint4* ring = dyn_smem + ring_off + (size_t)warp * nst * slot_u4;
-  auto issue_step = [&](int st, int slot) {
-    uint4* d = ring + slot * slot_u4;
+  // The step-invariant part of each tile's addresses, once: recomputed per step (64-bit products,
+  // clamps) it was most of the ~250 instructions of a step's bookkeeping (SASS, round 4).
+  const uint4* wsrc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) wsrc[r] = tiles + (size_t)min(tile0 + r, ntiles - 1) * S * BITS * 32 + lane;
+  const float4* csrc = coef + (size_t)tile0 * Lp * 8;
+  const int cpt_mask = (1 << log2_cpt) - 1, rmax = ntiles - 1 - tile0;  // rmax: tiles after tile0
+  auto issue_step = [&](int st, uint4* d) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const uint4* tp = tiles + ((size_t)min(tile0 + r, ntiles - 1) * S + st) * BITS * 32 + lane;
 #pragma unroll
-      for (int j = 0; j < BITS; ++j) cp_async16(d + (r * BITS + j) * 32 + lane, tp + j * 32);
+      for (int j = 0; j < BITS; ++j) cp_async16(d + (r * BITS + j) * 32 + lane, wsrc[r] + (st * BITS + j) * 32);
     }
-    const int gb = (st * 8) >> log2_spg;
-    for (int i = lane; i < (R << log2_cpt); i += 32) {
-      const int r = i >> log2_cpt;
-      cp_async16(d + R * BITS * 32 + i,
-                 coef + ((size_t)min(tile0 + r, ntiles - 1) * Lp + gb) * 8 + (i - (r << log2_cpt)));
-    }
+    const int gb8 = ((st * 8) >> log2_spg) * 8;
+    for (int i = lane; i < (R << log2_cpt); i += 32)
+      cp_async16(d + R * BITS * 32 + i, csrc + min(i >> log2_cpt, rmax) * Lp * 8 + gb8 + (i & cpt_mask));
   };
+  // The next kernel may be scheduled once all of this grid's blocks are resident: its blocks then
+  // issue their first weight loads while this one finishes. Up to pdl_wait a block reads only
+  // weights, which no kernel writes; x and out belong to the kernels before it.
   pdl_trigger();
   for (int i = 0; i < nst - 1; ++i) {
-    if (s0 + i < s1) issue_step(s0 + i, i);
+    if (s0 + i < s1) issue_step(s0 + i, ring + i * slot_u4);
     cp_commit();
   }
   pdl_wait();
@@ -183,7 +198,7 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
   // quarter-warp's 16-byte loads fall in different banks
   const T* sx = reinterpret_cast<const T*>(dyn_smem);
   const int ldx = K + 32;
-  __shared__ float rss_sx[8][8];
+  __shared__ float rss_sx[8][8];  // [warp][row]: each warp's sums of squares, added in a fixed order
   if (SX) {
     const int chunks = K >> 3;
     float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
@@ -219,15 +234,20 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
     }
     __syncthreads();
   }
+  uint4* const ring_end = ring + nst * slot_u4;
+  uint4* slot = ring;                             // read this step
+  uint4* fill = ring + (nst - 1) * slot_u4;       // refilled this step: the one read last step
   for (int s = s0; s < s1; ++s) {
-    const int it = s - s0;
     __syncwarp();  // every lane is done with the slot read last step
-    if (s + nst - 1 < s1) issue_step(s + nst - 1, (it + nst - 1) % nst);  // the slot read last step
+    if (s + nst - 1 < s1) issue_step(s + nst - 1, fill);
     cp_commit();
     cp_wait_pending(nst - 1);  // this step's group has landed
     __syncwarp();              // ... for every lane's copies
-    const uint4* slot = ring + (it % nst) * slot_u4;
-    const float4* scoef = reinterpret_cast<const float4*>(slot + R * BITS * 32);
+    fill = slot;  // next step refills the slot read now (cur) and reads the one after it
+    if (slot + slot_u4 == ring_end) slot = ring;
+    else slot += slot_u4;
+    const uint4* cur = fill;
+    const float4* scoef = reinterpret_cast<const float4*>(cur + R * BITS * 32);
 #pragma unroll
     for (int sp = 0; sp < 8; ++sp) {
       const int span = s * 8 + sp;
@@ -274,7 +294,7 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
         uint32_t w[4 * BITS];
 #pragma unroll
         for (int j = 0; j < BITS; ++j) {
-          const uint4 v = slot[(r * BITS + j) * 32 + lane];
+          const uint4 v = cur[(r * BITS + j) * 32 + lane];
           w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
         }
 #pragma unroll
@@ -292,12 +312,14 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
         for (int r = 0; r < R; ++r) {
           // {s, -s z} of rows g and g + 8 (8 distinct addresses per warp: broadcast reads)
           const float4 c = scoef[(r * ng + j) * 8 + g];
+          // s (P' - OFF X) + (-s z) X = s P' + (-s z - OFF s) X: two FMA per output, not four
+          const float z0 = fmaf(-OFF, c.x, c.y), z1 = fmaf(-OFF, c.z, c.w);
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            acc[r][n][0] += c.x * (tmp[r][n][0] - OFF * xsum[n][0]) + c.y * xsum[n][0];
-            acc[r][n][1] += c.x * (tmp[r][n][1] - OFF * xsum[n][1]) + c.y * xsum[n][1];
-            acc[r][n][2] += c.z * (tmp[r][n][2] - OFF * xsum[n][2]) + c.w * xsum[n][2];
-            acc[r][n][3] += c.z * (tmp[r][n][3] - OFF * xsum[n][3]) + c.w * xsum[n][3];
+            acc[r][n][0] = fmaf(z0, xsum[n][0], fmaf(c.x, tmp[r][n][0], acc[r][n][0]));
+            acc[r][n][1] = fmaf(z0, xsum[n][1], fmaf(c.x, tmp[r][n][1], acc[r][n][1]));
+            acc[r][n][2] = fmaf(z1, xsum[n][2], fmaf(c.z, tmp[r][n][2], acc[r][n][2]));
+            acc[r][n][3] = fmaf(z1, xsum[n][3], fmaf(c.z, tmp[r][n][3], acc[r][n][3]));
 #pragma unroll
             for (int e = 0; e < 4; ++e) tmp[r][n][e] = 0.f;
           }
