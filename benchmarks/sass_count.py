@@ -1,0 +1,142 @@
+"""Instructions per K step of the skinny low-bit kernel, from its SASS: no GPU needed, only nvcc.
+
+The M = 1 kernel is bound by instruction issue (benchmarks/RESULTS.md, round 4), so the SASS
+instructions in its step loop are a first, free measure of a change before any GPU time is spent.
+For each case (dtype, bits, n8 fragments NT, fused norm, staged x, tiles per block R) this compiles
+the kernel for sm_90a, disassembles it and reports registers, spills, and the instructions of its
+main loop (the innermost backward branch around all the ``HMMA``), with the most frequent opcodes.
+Static counts: the group epilogue is compiled into every span but runs once per group (twice per
+step at group 128), so it is counted 8 times here.
+
+    python benchmarks/sass_count.py                       # the shipped kernel
+    python benchmarks/sass_count.py --source old.cu --define QLB_R_SX=1 --json out.json
+
+``cuobjdump`` comes from the CUDA toolkit or, without one, from Triton's wheel
+(``triton/backends/nvidia/bin``; ``pip download triton`` and unzip that folder, then pass ``--cuobjdump``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "qalora" / "kernels" / "lowbit_cuda.cu"
+# (name, T, BITS, NT, NORM, SX, R): the decoder's M = 1 paths (staged x, fused norm or not), M = 8, M = 32
+CASES = [
+    ("m1.norm.int4", "__nv_bfloat16", 4, 1, "true", "true", 2),
+    ("m1.int4", "__nv_bfloat16", 4, 1, "false", "true", 2),
+    ("m1.int3", "__nv_bfloat16", 3, 1, "false", "true", 2),
+    ("m1.int2", "__nv_bfloat16", 2, 1, "false", "true", 2),
+    ("m8.int4", "__nv_bfloat16", 4, 1, "false", "false", 2),
+    ("m32.int4", "__nv_bfloat16", 4, 4, "false", "false", 2),
+]
+INSN = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+FUNC = re.compile(r"Function : (\S+)")
+
+
+def tool(name: str, given: str | None) -> str:
+    path = given or shutil.which(name)
+    if not path:
+        sys.exit(f"{name} not found: put it on PATH or pass --{name}")
+    return path
+
+
+def compile_cases(src: Path, defines: list[str], nvcc: str, work: Path) -> tuple[Path, str]:
+    """One cubin holding every case's kernel (taking each one's address instantiates it)."""
+    ptrs = ", ".join(f"(const void*)&qlb::gemv_kernel<{t}, {b}, {nt}, {norm}, {sx}, {r}>"
+                     for _, t, b, nt, norm, sx, r in CASES)
+    tu = work / "cases.cu"
+    tu.write_text(f'#include "{src.resolve()}"\nconst void* qlb_cases[] = {{{ptrs}}};\n')
+    cubin = work / "cases.cubin"
+    cmd = [nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-cubin", "-Xptxas", "-v",
+           *(f"-D{d}" for d in defines), str(tu), "-o", str(cubin)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"nvcc failed:\n{done.stderr[-3000:]}")
+    return cubin, done.stderr
+
+
+def ptxas_report(log: str) -> dict[str, dict]:
+    """mangled kernel name -> registers and spill bytes, from ``-Xptxas -v``."""
+    out, name = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            name = m.group(1)
+            out[name] = {}
+        elif name and "spill stores" in line:
+            nums = [int(x) for x in re.findall(r"(\d+) bytes", line)]
+            out[name].update(stack=nums[0], spill_stores=nums[1], spill_loads=nums[2])
+        elif name and "Used" in line and "registers" in line:
+            out[name]["registers"] = int(re.search(r"Used (\d+) registers", line).group(1))
+    return out
+
+
+def step_loop(insns: list[tuple[int, str]]) -> list[str]:
+    """The instructions of the innermost loop around every HMMA (the K-step loop)."""
+    hmma = [a for a, t in insns if "HMMA" in t]
+    best = None
+    for a, t in insns:
+        m = re.search(r"BRA (?:!?U?P\w+, )?0x([0-9a-f]+)", t)
+        if m and hmma:
+            target = int(m.group(1), 16)
+            if target <= min(hmma) and a >= max(hmma) and (best is None or a - target < best[1] - best[0]):
+                best = (target, a)
+    return [] if best is None else [t for a, t in insns if best[0] <= a <= best[1]]
+
+
+def opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", type=Path, default=SOURCE)
+    ap.add_argument("--define", action="append", default=[], help="NAME=VALUE, passed to nvcc as -D")
+    ap.add_argument("--nvcc")
+    ap.add_argument("--cuobjdump")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    nvcc, cuobjdump = tool("nvcc", args.nvcc), tool("cuobjdump", args.cuobjdump)
+    with tempfile.TemporaryDirectory() as d:
+        cubin, log = compile_cases(args.source, args.define, nvcc, Path(d))
+        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    ptxas = ptxas_report(log)
+    funcs: dict[str, list[tuple[int, str]]] = {}
+    name = None
+    for line in sass.splitlines():
+        m = FUNC.search(line)
+        if m:
+            name = m.group(1)
+            funcs[name] = []
+        elif name and (m := INSN.match(line)):
+            funcs[name].append((int(m.group(1), 16), m.group(2)))
+    rows = []
+    for case, t, b, nt, norm, sx, r in CASES:
+        # mangled template arguments, e.g. ...I13__nv_bfloat16Li4ELi1ELb1ELb1ELi2EE...
+        tag = f"Li{b}ELi{nt}ELb{int(norm == 'true')}ELb{int(sx == 'true')}ELi{r}EE"
+        mangled = next(f for f in funcs if tag in f and ("bfloat16" in f) == (t == "__nv_bfloat16"))
+        loop = step_loop(funcs[mangled])
+        ops = collections.Counter(opcode(x) for x in loop)
+        rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "hmma": ops["HMMA"],
+                     "top": dict(ops.most_common(8))})
+    print("| case | registers | spill loads | step-loop instructions | HMMA | most frequent |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        top = ", ".join(f"{k} {v}" for k, v in r["top"].items())
+        print(f"| {r['case']} | {r.get('registers')} | {r.get('spill_loads')} | {r['loop_insns']} | {r['hmma']} | {top} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"source": str(args.source), "defines": args.define, "rows": rows},
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
