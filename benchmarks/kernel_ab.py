@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from peers import L2_BYTES, SHAPES, dequant_ref, log, random_weight, rel_err, time_graph, tinygemm  # noqa: E402
 from qalora.kernels import cuda_ext  # noqa: E402
-from qalora.kernels.gpu_matmul import default_warps, stages_x  # noqa: E402
+from qalora.kernels.gpu_matmul import _empty, default_warps, stages_x  # noqa: E402
 from qalora.kernels.prepared import prepare_layer  # noqa: E402
 from qalora.lowbit import LowBitLinear  # noqa: E402
 
@@ -56,7 +56,7 @@ def prepared(q, s, z, bits: int, group: int):
 def call(variant, x, pw, out, epi: int, norm_weight, warps: int, stages: int) -> torch.Tensor:
     """``variant``'s gemv of x [M, K] into ``out`` (epilogue ``epi``, bf16 compute)."""
     mod, pdl = variant
-    empty = torch.empty(0, dtype=torch.float32, device="cuda")
+    empty = _empty(x.device)  # no norm weight / no bias
     mod.gemv(x, empty if norm_weight is None else norm_weight, pw.tiles, pw.coef, empty, out, pw.bits,
              pw.out_features, pw.in_features, pw.log2_spg, epi, 1e-6, warps, stages, True, pdl)
     return out
