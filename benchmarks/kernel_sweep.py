@@ -1,12 +1,14 @@
 """Per-kernel timings of the low-bit CUDA kernels against cuBLAS bf16 on LLaMA-7B shapes (CUDA).
 
-    PYTHONPATH=. python3 benchmarks/kernel_sweep.py --json OUT.json [--bits 4,3,2] [--sections gemv,largem]
+    PYTHONPATH=. python3 benchmarks/kernel_sweep.py --json OUT.json [--bits 4,3,2] [--sections gemv,largem,attn]
 
 gemv: the skinny kernel at M = 1/8/16/32 (warps per tile x pipeline stages swept at M <= 8), used
 as in the decode step (qkv and gate_up with the RMSNorm prologue on an fp32 stream, o and down
 accumulating into it), with its achieved bandwidth (codes + coefficients + activations + output), and
 cuBLAS bf16 F.linear on the same shape.
-largem: dequant + cuBLAS against cuBLAS bf16 at M = 256/512/2048, and the dequant kernel alone.
+largem: the fused dequant-GEMM (Triton; every config of FUSED_CONFIGS) and dequant + cuBLAS (the skinny
+kernel at M <= 32) against cuBLAS bf16 (--large-m rows), and the dequant kernel alone.
+attn: the decode attention over context splits, block sizes and warps (sweep_attn).
 Timings: CUDA-graph replays of 20 calls (no launch gaps), median of 15, inputs reused (L2 warm
 for the activations, not for the weights: every weight set below is larger than the 50 MB L2
 except o_proj, whose weights are rotated over 4 copies).
@@ -111,30 +113,102 @@ def sweep_gemv(bits: int, rows: list[dict], ms: tuple[int, ...] = (1, 8, 16, 32)
         torch.cuda.empty_cache()
 
 
-def sweep_largem(bits: int, rows: list[dict]) -> None:
+# (block_m, block_t, warps, stages, chunks, join): configs that fit sm_90a's shared memory with few or no
+# register spills (compiled offline with triton's ptxas)
+FUSED_CONFIGS = [(128, 8, 4, 3, 1, 0), (256, 8, 8, 3, 1, 0), (128, 8, 8, 3, 1, 0), (128, 8, 8, 3, 1, 1),
+                 (256, 8, 8, 2, 1, 1), (128, 8, 8, 3, 2, 1), (128, 8, 8, 2, 2, 1), (64, 8, 8, 3, 2, 1),
+                 (64, 16, 8, 3, 2, 1), (64, 8, 8, 2, 4, 1), (128, 8, 8, 2, 4, 1)]
+
+
+def sweep_largem(bits: int, rows: list[dict], ms: tuple[int, ...] = (64, 256, 512, 2048)) -> None:
+    """dequant + cuBLAS and the fused dequant-GEMM (every config of FUSED_CONFIGS) against cuBLAS bf16;
+    the fused output is checked against dequant + cuBLAS (relative error)."""
+    from qalora.kernels.lowbit_gemm_triton import GemmConfig, gemm_config, gemm_fits, lowbit_gemm
+
     for name, (n, k) in SHAPES.items():
         pw = rand_pw(n, k, bits)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         wbuf = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
         rows.append({"kind": "dequant", "bits": bits, "shape": name, "us": time_us(lambda: gpu_matmul.dequant(pw, torch.bfloat16, out=wbuf), calls=5)})
-        for m in (256, 512, 2048):
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t_lb = time_us(lambda: gpu_matmul.dequant_matmul(x, pw), calls=5)
+            skinny = m <= gpu_matmul.SKINNY_MAX_M  # the baseline is then the skinny kernel, not dequant + cuBLAS
+            t_lb = time_us(lambda: (gpu_matmul.gemv if skinny else gpu_matmul.dequant_matmul)(x, pw), calls=5)
             t_bf = time_us(lambda: F.linear(x, w), calls=5)
-            rows.append({"kind": "largem", "bits": bits, "shape": name, "m": m, "dequant_cublas_us": t_lb,
-                         "cublas_bf16_us": t_bf, "ratio_bf16_over_lowbit": t_bf / t_lb})
-            print(f"largem {bits}b {name} m={m}: dequant+cublas {t_lb:.1f} us, bf16 {t_bf:.1f} us, "
-                  f"ratio {t_bf / t_lb:.2f}", flush=True)
+            row = {"kind": "largem", "bits": bits, "shape": name, "m": m, ("gemv_us" if skinny else "dequant_cublas_us"): t_lb,
+                   "cublas_bf16_us": t_bf, "ratio_bf16_over_lowbit": t_bf / t_lb}
+            if gemm_fits(bits, pw.group_size) and not skinny:
+                ref = gpu_matmul.dequant_matmul(x, pw).float()
+                fused = {}
+                for bm, bt, wp, st, ch, jn in FUSED_CONFIGS:
+                    if bits % ch:
+                        continue
+                    cfg = GemmConfig(bm, bt, wp, st, chunks=ch, join=bool(jn))
+                    key = "/".join(str(v) for v in (bm, bt, wp, st, ch, jn))
+                    def run(cfg=cfg):
+                        return lowbit_gemm(x, pw.tiles, pw.coef, None, bits, pw.group_size, n, False, cfg)
+                    try:
+                        err = float((run().float() - ref).norm() / ref.norm())
+                        fused[key] = {"us": time_us(run, calls=5), "rel_err_vs_dequant": err}
+                    except Exception as e:  # a config the compiler cannot fit (shared memory): recorded, skipped
+                        fused[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                ok = {c: v for c, v in fused.items() if "us" in v}
+                best = min(ok, key=lambda c: ok[c]["us"])
+                d = gemm_config(m, n, k)
+                t_def = time_us(lambda: lowbit_gemm(x, pw.tiles, pw.coef, None, bits, pw.group_size, n, False, d), calls=5)
+                row.update(fused=fused, fused_best=best, fused_best_us=ok[best]["us"], fused_default_us=t_def,
+                           ratio_bf16_over_fused=t_bf / ok[best]["us"])
+            rows.append(row)
+            extra = (f", fused best {row['fused_best_us']:.1f} us ({row['fused_best']}), default {row['fused_default_us']:.1f}, "
+                     f"ratio {row['ratio_bf16_over_fused']:.2f}") if "fused" in row else ""
+            print(f"largem {bits}b {name} m={m}: {'gemv' if skinny else 'dequant+cublas'} {t_lb:.1f} us, bf16 {t_bf:.1f} us, "
+                  f"ratio {t_bf / t_lb:.2f}{extra}", flush=True)
         del pw, w, wbuf
         torch.cuda.empty_cache()
+
+
+def sweep_attn(rows: list[dict]) -> None:
+    """The decode attention of 32 LLaMA-7B layers back to back (one CUDA graph, each layer its own
+    cache), per layer, over context splits x block_s x warps, at B = 1/8/32 and context 128/1024."""
+    from qalora.kernels.decoder_triton import attn_decode, attn_scratch, attn_splits
+
+    h, dh, layers = 32, 128, 32
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dh, 2, device="cuda").float() / dh)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b in (1, 8, 32):
+        for ctx in (128, 1024):
+            s_max = ctx + 72
+            qkv = torch.randn(b, 3 * h * dh, device="cuda", dtype=torch.bfloat16)
+            kcs = [torch.randn(b, h, s_max, dh, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+            vcs = [torch.randn_like(kc) for kc in kcs]
+            out = torch.empty(b, h * dh, device="cuda", dtype=torch.bfloat16)
+            pos = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+            auto = attn_splits(b, h, s_max, sms)
+            res = {}
+            for splits in sorted({1, 2, 4, 8, 16, auto}):
+                sc = attn_scratch(b, h, dh, splits, torch.device("cuda"))
+                for bs in (32, 64):
+                    for wp in (2, 4):
+                        def run(sc=sc, bs=bs, wp=wp):
+                            for kc, vc in zip(kcs, vcs):
+                                attn_decode(qkv, kc, vc, out, pos, inv_freq, h, h, scratch=sc, block_s=bs, num_warps=wp)
+                        res[f"{splits}/{bs}/{wp}"] = time_us(run, calls=1) / layers
+            best = min(res, key=res.get)
+            rows.append({"kind": "attn", "batch": b, "context": ctx, "auto_splits": auto, "us_per_layer": res,
+                         "best": best})
+            print(f"attn B={b} ctx={ctx}: 1 split {res['1/64/4']:.2f} us/layer, auto ({auto}) "
+                  f"{res[f'{auto}/64/4']:.2f}, best {best} {res[best]:.2f}", flush=True)
+            del kcs, vcs
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--bits", default="4,3,2")
-    ap.add_argument("--sections", default="gemv,largem")
+    ap.add_argument("--sections", default="gemv,largem", help="gemv, largem, attn")
     ap.add_argument("--m", default="1,8,16,32", help="gemv rows to sweep")
+    ap.add_argument("--large-m", default="64,256,512,2048", help="largem rows to sweep")
     args = ap.parse_args()
     rows: list[dict] = []
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -142,7 +216,9 @@ def main() -> None:
         if "gemv" in args.sections:
             sweep_gemv(bits, rows, tuple(int(m) for m in args.m.split(",")))
         if "largem" in args.sections:
-            sweep_largem(bits, rows)
+            sweep_largem(bits, rows, tuple(int(m) for m in args.large_m.split(",")))
+    if "attn" in args.sections:
+        sweep_attn(rows)
     with open(args.json, "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
 

@@ -177,6 +177,9 @@ class StaticDecoder:
         self.lm_head = src.lm_head.clone()
         self.final_norm = src.final_norm.clone()
         self.layers: list[dict[str, Any]] = []
+        # knobs the benchmarks compare: the large-M path of prefill (gpu_matmul.large_m_path), the decode
+        # attention's context splits (None: decoder_triton.attn_splits) and its dependent launch
+        self.large_m, self.attn_split_count, self.attn_pdl = "auto", None, False
         for i in range(a.layers):
             ln1, ln2 = src.norms[i]
             lay: dict[str, Any] = {"ln1": ln1.clone(), "ln2": ln2.clone()}
@@ -218,9 +221,14 @@ class StaticDecoder:
         self.logits = torch.empty(batch, a.vocab, device=dev, dtype=dt)
         self.kc = [torch.empty(batch, a.kv_heads, max_seq, a.head_dim, device=dev, dtype=dt) for _ in self.layers]
         self.vc = [torch.empty_like(k) for k in self.kc]
+        from qalora.kernels.decoder_triton import attn_scratch, attn_splits
+
+        splits = self.attn_split_count or attn_splits(batch, a.heads, max_seq,
+                                                      torch.cuda.get_device_properties(dev).multi_processor_count)
+        self.attn_scratch = attn_scratch(batch, a.heads, a.head_dim, splits, dev)  # shared by the layers
 
     def free(self) -> None:
-        for name in ("tok", "pos", "h", "qkv", "attn", "gu", "xn", "act", "o", "logits", "kc", "vc"):
+        for name in ("tok", "pos", "h", "qkv", "attn", "gu", "xn", "act", "o", "logits", "kc", "vc", "attn_scratch"):
             setattr(self, name, None)
 
     def decode_step(self) -> None:
@@ -239,7 +247,8 @@ class StaticDecoder:
             else:
                 rmsnorm(self.h, lay["ln1"], a.eps, self.xn)
                 torch.matmul(self.xn, lay["qkv"].t(), out=self.qkv)
-            attn_decode(self.qkv, self.kc[i], self.vc[i], self.attn, self.pos, a.inv_freq, a.heads, a.kv_heads)
+            attn_decode(self.qkv, self.kc[i], self.vc[i], self.attn, self.pos, a.inv_freq, a.heads, a.kv_heads,
+                        scratch=self.attn_scratch, pdl=self.attn_pdl)
             if self.mode == "lowbit":
                 gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True)
                 self._norm_gemv(lay["gate_up"], lay["ln2"], self.act)
@@ -276,7 +285,7 @@ class StaticDecoder:
         if self.lowbit:
             from qalora.kernels.gpu_matmul import matmul
 
-            return matmul(x, w)
+            return matmul(x, w, self.large_m)
         return F.linear(x, w)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:

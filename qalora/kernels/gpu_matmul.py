@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from qalora.kernels.cuda_ext import ext
 from qalora.kernels.prepared import PreparedWeight
 
-SKINNY_MAX_M = 32  # rows above this dequantize then run cuBLAS
+SKINNY_MAX_M = 32  # rows above this run the large-M path (``large_m_path``)
 SX_MAX_ROWS, SX_MAX_BYTES = 4, 24 * 1024  # lowbit_cuda.cu's limits for staging x in shared memory
 EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
 MANY_TILES = 768  # 16-row tiles from which blocks of 4 warps beat 8
@@ -145,18 +145,59 @@ def glu_act(y: torch.Tensor) -> torch.Tensor:
 
 
 def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
-    """Dequantize to x's dtype, then cuBLAS (the large-M path)."""
+    """Dequantize to x's dtype, then cuBLAS (the large-M path of the layouts the fused GEMM does not take)."""
     w = dequant(pw, x.dtype)
     y = F.linear(x, w, None if pw.bias is None else pw.bias.to(x.dtype))
     return glu_act(y) if pw.glu else y
 
 
-def matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
-    """x [..., K] -> [..., N] (or [..., N/2] for glu): the skinny kernel up to SKINNY_MAX_M rows,
-    else dequant + cuBLAS."""
+LARGE_M_AUTO = "dequant"  # H200, LLaMA-7B shapes, M = 64..2048: the fused GEMM ran 1.7-3.3x slower (RESULTS round 5)
+
+
+def large_m_path(pw: PreparedWeight, prefer: str = "auto") -> str:
+    """The large-M path: ``dequant`` (dequantize with one kernel, then cuBLAS) or ``fused`` (the Triton
+    dequant-GEMM, :mod:`qalora.kernels.lowbit_gemm_triton`: 2/4-bit, groups of whole chunks, needs triton).
+    ``auto`` is ``LARGE_M_AUTO`` (the measured faster) where the layout allows it."""
+    if prefer not in ("auto", "fused", "dequant"):
+        raise ValueError(f"large-M path must be auto, fused or dequant, not {prefer!r}")
+    want = LARGE_M_AUTO if prefer == "auto" else prefer
+    if want == "dequant":
+        return "dequant"
+    try:
+        from qalora.kernels.lowbit_gemm_triton import gemm_fits
+    except ImportError:
+        fits = False
+    else:
+        fits = gemm_fits(pw.bits, pw.group_size)
+    if fits:
+        return "fused"
+    if prefer == "auto":
+        return "dequant"
+    raise ValueError(f"the fused GEMM takes 2/4-bit weights with groups of whole chunks (and triton), "
+                     f"not bits={pw.bits}, group_size={pw.group_size}")
+
+
+def fused_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
+    """x [M, K] fp16/bf16 -> [M, N] (or silu(gate) * up [M, N/2]) through the fused dequant-GEMM."""
+    from qalora.kernels.lowbit_gemm_triton import gemm_config, lowbit_gemm
+
+    if x.shape[1] != pw.in_features:
+        raise ValueError(f"x {tuple(x.shape)} does not match D_in={pw.in_features}")
+    return lowbit_gemm(x, pw.tiles, pw.coef, pw.bias, pw.bits, pw.group_size, pw.out_features, pw.glu,
+                       gemm_config(x.shape[0], pw.out_features, pw.in_features))
+
+
+def matmul(x: torch.Tensor, pw: PreparedWeight, large_m: str = "auto") -> torch.Tensor:
+    """x [..., K] -> [..., N] (or [..., N/2] for glu): the skinny kernel up to SKINNY_MAX_M rows, else
+    the fused dequant-GEMM or dequant + cuBLAS (:func:`large_m_path`)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = gemv(x2, pw) if x2.shape[0] <= SKINNY_MAX_M else dequant_matmul(x2, pw)
+    if x2.shape[0] <= SKINNY_MAX_M:
+        y = gemv(x2, pw)
+    elif large_m_path(pw, large_m) == "fused":
+        y = fused_matmul(x2, pw)
+    else:
+        y = dequant_matmul(x2, pw)
     return y.reshape(*lead, y.shape[-1])
 
 

@@ -1,0 +1,86 @@
+"""Decode and prefill of one synthetic model under the decoder's knobs, A/B in one process (CUDA).
+
+    PYTHONPATH=. python3 benchmarks/decode_ab.py --json OUT.json [--model llama-7b] [--bits 4]
+
+The low-bit decoder with the decode attention's context splits on (auto) with and without its dependent
+launch and off (one program per head, rounds 1-4), then prefill with the fused dequant-GEMM and with
+dequantize + cuBLAS; bf16 cuBLAS (``dense_cublas``) with the same attention variants and cuBLAS prefill.
+The same harness as ``qalora bench`` (``time_decode``/``time_prefill``: CUDA-graph replays, context 128,
+64 steps, median of ``--reps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from qalora.bench import copy_bandwidth, time_decode, time_prefill  # noqa: E402
+from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
+
+ATTN = {"split+pdl": (None, True), "split": (None, False), "one program per head": (1, False)}
+
+
+def run(hn: StaticDecoder, batches: list[int], prefills: list[int], prefill_paths: list[str], reps: int) -> dict:
+    res: dict = {"decode": {}, "prefill_ms": {}}
+    for name, (splits, pdl) in ATTN.items():
+        hn.attn_split_count, hn.attn_pdl = splits, pdl
+        for b in batches:
+            r = time_decode(hn, b, 128, 64, reps)
+            res["decode"][f"{name}/{b}"] = r
+            print(f"{hn.mode:12s} {name:22s} B={b:<3d} {r['tokens_per_s']:9.1f} tok/s", flush=True)
+    hn.attn_split_count, hn.attn_pdl = None, True
+    for path in prefill_paths:
+        hn.large_m = path
+        for t in prefills:
+            res["prefill_ms"][f"{path}/{t}"] = ms = time_prefill(hn, t, reps)
+            print(f"{hn.mode:12s} prefill {path:8s} {t:5d} tok {ms:8.2f} ms", flush=True)
+    hn.large_m = "auto"
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--model", default="llama-7b")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--batch", default="1,8,16,32")
+    ap.add_argument("--prefill", default="512,2048")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-dense", action="store_true")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    prefills = [int(t) for t in args.prefill.split(",") if t]
+    dt = torch.bfloat16
+    src = synthetic_source(args.model, args.bits, args.group_size, torch.device("cuda"), dt)
+    out: dict = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                         "python": platform.python_version()},
+                 "args": vars(args), "copy_bandwidth_GBps": copy_bandwidth()}
+    hn = StaticDecoder(src, "lowbit", dt)
+    out["lowbit"] = run(hn, batches, prefills, ["auto", "dequant"], args.reps)
+    out["lowbit"]["bytes_per_step"] = hn.weight_bytes()
+    del hn
+    torch.cuda.empty_cache()
+    if not args.no_dense:
+        hn = StaticDecoder(src, "dense_cublas", dt)
+        out["dense_cublas"] = run(hn, batches, prefills, ["auto"], args.reps)
+        del hn
+        lb, dn = out["lowbit"], out["dense_cublas"]
+        out["ratio"] = {
+            "decode": {k: lb["decode"][k]["tokens_per_s"] / dn["decode"][k]["tokens_per_s"] for k in lb["decode"]},
+            "prefill": {k: dn["prefill_ms"][f"auto/{k.split('/')[1]}"] / v for k, v in lb["prefill_ms"].items()},
+        }
+        print(json.dumps(out["ratio"], indent=1), flush=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
