@@ -3,8 +3,8 @@
     PYTHONPATH=. python3 benchmarks/decode_ab.py --json OUT.json [--model llama-7b] [--bits 4]
 
 The low-bit decoder with the decode attention's context splits on (auto) with and without its dependent
-launch and off (one program per head, rounds 1-4), then prefill with dequantize + cuBLAS of the whole weight
-and by L2-sized chunks (``PREFILL``); bf16 cuBLAS (``dense_cublas``) with the same attention variants and
+launch and off (one program per head, rounds 1-4), then prefill with dequantize + cuBLAS and with the
+fused dequant-GEMM (``PREFILL``); bf16 cuBLAS (``dense_cublas``) with the same attention variants and
 cuBLAS prefill.
 The same harness as ``qalora bench`` (``time_decode``/``time_prefill``: CUDA-graph replays, context 128,
 64 steps, median of ``--reps``).
@@ -24,14 +24,12 @@ import torch  # noqa: E402
 
 from qalora.bench import copy_bandwidth, time_decode, time_prefill  # noqa: E402
 from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
-from qalora.kernels import gpu_matmul  # noqa: E402
 
 ATTN = {"split+pdl": (None, True), "split": (None, False), "one program per head": (1, False)}
-# low-bit prefill: (large-M path, dequant chunk bytes)
-PREFILL = {"dequant": ("dequant", None), "chunk16MB": ("dequant", 16 << 20), "chunk32MB": ("dequant", 32 << 20)}
+PREFILL = ("dequant", "fused")  # the low-bit decoder's large-M paths (gpu_matmul.large_m_path)
 
 
-def run(hn: StaticDecoder, batches: list[int], prefills: list[int], prefill_paths: dict, reps: int,
+def run(hn: StaticDecoder, batches: list[int], prefills: list[int], prefill_paths: tuple[str, ...], reps: int,
         attn: list[str]) -> dict:
     res: dict = {"decode": {}, "prefill_ms": {}}
     for name in attn:
@@ -42,12 +40,12 @@ def run(hn: StaticDecoder, batches: list[int], prefills: list[int], prefill_path
             res["decode"][f"{name}/{b}"] = r
             print(f"{hn.mode:12s} {name:22s} B={b:<3d} {r['tokens_per_s']:9.1f} tok/s", flush=True)
     hn.attn_split_count, hn.attn_pdl = None, False
-    for name, (path, chunk) in prefill_paths.items():
-        hn.large_m, gpu_matmul.DEQUANT_CHUNK_BYTES = path, chunk
+    for path in prefill_paths:
+        hn.large_m = path
         for t in prefills:
-            res["prefill_ms"][f"{name}/{t}"] = ms = time_prefill(hn, t, reps)
-            print(f"{hn.mode:12s} prefill {name:10s} {t:5d} tok {ms:8.2f} ms", flush=True)
-    hn.large_m, gpu_matmul.DEQUANT_CHUNK_BYTES = "auto", None
+            res["prefill_ms"][f"{path}/{t}"] = ms = time_prefill(hn, t, reps)
+            print(f"{hn.mode:12s} prefill {path:8s} {t:5d} tok {ms:8.2f} ms", flush=True)
+    hn.large_m = "auto"
     return res
 
 
@@ -77,7 +75,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     if not args.no_dense:
         hn = StaticDecoder(src, "dense_cublas", dt)
-        out["dense_cublas"] = run(hn, batches, prefills, {"auto": ("auto", None)}, args.reps, args.attn.split(","))
+        out["dense_cublas"] = run(hn, batches, prefills, ("auto",), args.reps, args.attn.split(","))
         del hn
         lb, dn = out["lowbit"], out["dense_cublas"]
         out["ratio"] = {

@@ -120,8 +120,7 @@ FUSED_CONFIGS = [(128, 8, 4, 3, 1, 0), (256, 8, 8, 3, 1, 0), (128, 8, 8, 3, 1, 0
                  (64, 16, 8, 3, 2, 1), (64, 8, 8, 2, 4, 1), (128, 8, 8, 2, 4, 1)]
 
 
-def sweep_largem(bits: int, rows: list[dict], ms: tuple[int, ...] = (64, 256, 512, 2048), fused: bool = True,
-                 chunks: tuple[int, ...] = ()) -> None:
+def sweep_largem(bits: int, rows: list[dict], ms: tuple[int, ...] = (64, 256, 512, 2048), fused: bool = True) -> None:
     """dequant + cuBLAS and the fused dequant-GEMM (every config of FUSED_CONFIGS) against cuBLAS bf16;
     the fused output is checked against dequant + cuBLAS (relative error)."""
     from qalora.kernels.lowbit_gemm_triton import GemmConfig, gemm_config, gemm_fits, lowbit_gemm
@@ -138,16 +137,6 @@ def sweep_largem(bits: int, rows: list[dict], ms: tuple[int, ...] = (64, 256, 51
             t_bf = time_us(lambda: F.linear(x, w), calls=5)
             row = {"kind": "largem", "bits": bits, "shape": name, "m": m, ("gemv_us" if skinny else "dequant_cublas_us"): t_lb,
                    "cublas_bf16_us": t_bf, "ratio_bf16_over_lowbit": t_bf / t_lb}
-            if not skinny and chunks:
-                ref = gpu_matmul.dequant_matmul(x, pw).float()
-                row["chunked"] = {}
-                for mb in chunks:
-                    cb = mb << 20
-                    err = float((gpu_matmul.dequant_matmul(x, pw, cb).float() - ref).norm() / ref.norm())
-                    row["chunked"][str(mb)] = {"us": time_us(lambda: gpu_matmul.dequant_matmul(x, pw, cb), calls=5),
-                                               "rel_err_vs_whole": err}
-                print(f"largem {bits}b {name} m={m}: chunked dequant + cublas (MB per chunk: us) " + ", ".join(
-                    f"{c}: {v['us']:.1f}" for c, v in row["chunked"].items()), flush=True)
             if fused and gemm_fits(bits, pw.group_size) and not skinny:
                 ref = gpu_matmul.dequant_matmul(x, pw).float()
                 fused = {}
@@ -221,7 +210,6 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,16,32", help="gemv rows to sweep")
     ap.add_argument("--large-m", default="64,256,512,2048", help="largem rows to sweep")
     ap.add_argument("--no-fused", action="store_true", help="largem without the fused GEMM")
-    ap.add_argument("--chunks", default="", help="largem: also dequant + cuBLAS by chunks of these MB")
     args = ap.parse_args()
     rows: list[dict] = []
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -229,8 +217,7 @@ def main() -> None:
         if "gemv" in args.sections:
             sweep_gemv(bits, rows, tuple(int(m) for m in args.m.split(",")))
         if "largem" in args.sections:
-            sweep_largem(bits, rows, tuple(int(m) for m in args.large_m.split(",")), not args.no_fused,
-                         tuple(int(c) for c in args.chunks.split(",") if c))
+            sweep_largem(bits, rows, tuple(int(m) for m in args.large_m.split(",")), not args.no_fused)
     if "attn" in args.sections:
         sweep_attn(rows)
     with open(args.json, "w") as f:

@@ -144,34 +144,13 @@ def glu_act(y: torch.Tensor) -> torch.Tensor:
     return (F.silu(y[:, :, 0].float()) * y[:, :, 1].float()).to(y.dtype).reshape(m, n2 // 2)
 
 
-def dequant_matmul(x: torch.Tensor, pw: PreparedWeight, chunk_bytes: int | None = None) -> torch.Tensor:
-    """Dequantize to x's dtype, then cuBLAS (the large-M path).
-
-    ``chunk_bytes``: dequantize about this many bytes of weight rows at a time into one buffer reused for
-    every chunk (small enough to stay in L2, so the dequantized weight need not reach DRAM), each chunk's
-    rows of y^T [N, M] by one cuBLAS call; None: the whole weight at once."""
-    chunk_tiles = None if chunk_bytes is None else max(1, chunk_bytes // (16 * pw.in_features * x.element_size()))
-    if chunk_tiles is None or pw.tiles.shape[0] <= chunk_tiles:
-        w = dequant(pw, x.dtype)
-        y = F.linear(x, w, None if pw.bias is None else pw.bias.to(x.dtype))
-        return glu_act(y) if pw.glu else y
-    n, k, t_ = pw.out_features, pw.in_features, pw.tiles.shape[0]
-    buf = torch.empty(chunk_tiles * 16, k, device=x.device, dtype=x.dtype)
-    yt = torch.empty(n, x.shape[0], device=x.device, dtype=x.dtype)
-    xt = x.t()
-    for t0 in range(0, t_, chunk_tiles):
-        t1 = min(t_, t0 + chunk_tiles)
-        rows = min(n, 16 * t1) - 16 * t0
-        w = buf[:rows]
-        ext().dequant(pw.tiles[t0:t1], pw.coef[t0:t1], w, pw.bits, pw.log2_spg)
-        torch.mm(w, xt, out=yt[16 * t0:16 * t0 + rows])
-    y = yt.t()
-    if pw.bias is not None:
-        y = y + pw.bias.to(x.dtype)
-    return glu_act(y.contiguous()) if pw.glu else y.contiguous()
+def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
+    """Dequantize to x's dtype, then cuBLAS (the large-M path)."""
+    w = dequant(pw, x.dtype)
+    y = F.linear(x, w, None if pw.bias is None else pw.bias.to(x.dtype))
+    return glu_act(y) if pw.glu else y
 
 
-DEQUANT_CHUNK_BYTES: int | None = None  # dequant_matmul's chunks in the large-M path (None: whole weight)
 LARGE_M_AUTO = "dequant"  # H200, LLaMA-7B shapes, M = 64..2048: the fused GEMM ran 1.7-3.3x slower (RESULTS round 5)
 
 
@@ -218,7 +197,7 @@ def matmul(x: torch.Tensor, pw: PreparedWeight, large_m: str = "auto") -> torch.
     elif large_m_path(pw, large_m) == "fused":
         y = fused_matmul(x2, pw)
     else:
-        y = dequant_matmul(x2, pw, DEQUANT_CHUNK_BYTES)
+        y = dequant_matmul(x2, pw)
     return y.reshape(*lead, y.shape[-1])
 
 

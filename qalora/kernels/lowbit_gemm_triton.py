@@ -1,15 +1,23 @@
-"""The large-M low-bit GEMM (prefill, batched evaluation): codes dequantized in registers on their way to
-the tensor cores (``tl.dot``: wgmma on Hopper), straight from the skinny kernel's tile layout, so the
-bf16/fp16 weight is never written to memory (the path it replaces wrote and re-read it: 2.5 bytes per
-weight on top of the 0.5 it needs).
+"""A fused large-M low-bit GEMM: codes dequantized in registers on their way to the tensor cores
+(``tl.dot``: wgmma on Hopper), straight from the skinny kernel's tile layout, so the bf16/fp16 weight is
+never written to memory (dequantize-then-cuBLAS writes and re-reads it: 4 bytes per weight on top of the
+0.5 it needs).
+
+Opt-in (``gpu_matmul.matmul(x, w, large_m="fused")``), not the default: on an H200 it runs 1.4-2.4x slower
+than dequantize + cuBLAS on LLaMA-7B shapes at M = 256-2048 (at M = 64: 10-20% faster on qkv and gate_up,
+2.5-2.9x slower on o and down; benchmarks/RESULTS.md, round 5). ncu says
+why: each K step stores the dequantized operand to shared memory behind a CTA barrier, then waits for its
+wgmma (barrier and short-scoreboard stalls lead), with 2 CTAs per SM at ~130-250 registers, 0.36 issued
+instructions per cycle, DRAM 3% busy. Closing it takes producer/consumer warp specialization (dequantizing
+warps feeding an MMA warpgroup through an mbarrier ring), which this Triton version does not generate here.
 
 Reading the tile layout (:mod:`qalora.kernels.layout`) without shuffling it. One 128-word chunk of a
 (tile, step) holds the codes of the tile's 16 rows over ``KC = 256 / bits`` columns (64 at 4 bit, 128 at
 2 bit). Its word ``16 g + 4 t + e`` (lane 4 g + t, word e of the lane's chunk) holds, for row g (r = 0)
 and row g + 8 (r = 1), the codes of 16 / bits columns each, at bit ``bits (2 (q >> 1) + r) + 16 (q & 1)``
 for the q-th of them. The kernel reads a row pair's 16 words in the order that decodes to consecutive
-columns and unpacks them into two ``[KC, 8 tiles]`` operands, one per r, in natural K order. Row r = 0 and r = 1 of a tile land in
-two accumulators, so a ``glu`` weight (blocks of 8 gate rows then the 8 matching up rows) finishes as
+columns and unpacks them into two ``[KC, 8 tiles]`` operands, one per r, in natural K order. Rows r = 0
+and r = 1 of a tile land in two accumulators (or in alternate columns of one, ``join``), so a ``glu`` weight (blocks of 8 gate rows then the 8 matching up rows) finishes as
 silu(acc0) * acc1 without a pass over its output.
 
 Takes 2- and 4-bit weights whose group holds whole chunks (group >= KC); 3-bit chunks do not split
@@ -43,8 +51,8 @@ def gemm_fits(bits: int, group_size: int) -> bool:
 @dataclass(frozen=True)
 class GemmConfig:
     block_m: int = 128  # rows of x per program
-    block_t: int = 16  # 16-row weight tiles per program (N = 16 block_t)
-    num_warps: int = 8
+    block_t: int = 8  # 16-row weight tiles per program (N = 16 block_t)
+    num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8  # programs along M that run next to each other (weights re-read from L2)
     chunks: int = 1  # 128-word chunks per step of the K loop (BLOCK_K = chunks * 256 / bits)
@@ -55,8 +63,12 @@ DEFAULT_CONFIG = GemmConfig()
 
 
 def gemm_config(m: int, n: int, k: int) -> GemmConfig:
-    """The config for an [m, k] x [k, n] problem (measured on an H200: benchmarks/kernel_sweep.py)."""
-    return DEFAULT_CONFIG
+    """The config for an [m, k] x [k, n] problem: the fastest in the H200 sweep (``benchmarks/kernel_sweep.py``,
+    round 5) at M = 512 on qkv and o (128/8/4 warps/3 stages; gate_up and down within 11%) and at M = 2048 on
+    every shape (256/8/8/3)."""
+    if m >= 1024:
+        return GemmConfig(block_m=256, block_t=8, num_warps=8, num_stages=3)
+    return GemmConfig(block_m=128, block_t=8, num_warps=4, num_stages=3)
 
 
 @triton.jit
