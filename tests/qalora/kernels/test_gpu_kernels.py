@@ -2,42 +2,18 @@
 
 import pytest
 import torch
+from lowbit_ref import TOL, random_prepared, reference, rel_err
 
 from qalora.decoder import capture_graph
 from qalora.kernels import cuda_kernels_available, lowbit_linear, prepare_for_inference, triton_available
-from qalora.kernels.prepared import prepare_weight, reference_dequant
-from qalora.lowbit import LowBitLinear, pack_codes
+from qalora.kernels.prepared import reference_dequant
+from qalora.lowbit import LowBitLinear
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_kernels_available(), reason="needs CUDA and nvcc")]
 
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
-
-
-def _pw(n, k, bits, g, seed, bias=False, glu=False, device="cuda"):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=gen, device=device).to(torch.uint8)
-    s = (torch.rand(n, k // g, generator=gen, device=device) * 0.02 + 0.001).half()
-    z = torch.rand(n, k // g, generator=gen, device=device) * ((1 << bits) - 1) + 0.3 * torch.randn(
-        n, k // g, generator=gen, device=device)
-    b = torch.randn(n, generator=gen, device=device) if bias else None
-    return prepare_weight(pack_codes(codes, bits), s, z, bits, g, k, bias=b, glu=glu)
-
-
-def _ref(x, pw):
-    """float64 x @ W^T (+ bias) from the canonical buffers; silu(gate) * up for glu weights."""
-    w = reference_dequant(pw).double()
-    y = x.double() @ w.t()
-    if pw.ref_bias is not None:
-        y = y + pw.ref_bias.double()
-    if pw.glu:
-        f = y.shape[-1] // 2
-        y = torch.nn.functional.silu(y[..., :f]) * y[..., f:]
-    return y
-
 
 def _check(y, ref, dtype):
-    assert torch.isfinite(y).all()
-    err = float((y.double() - ref).norm() / ref.norm())
+    err = rel_err(y, ref)
     assert err < TOL[dtype], err
 
 
@@ -51,15 +27,15 @@ def test_matmul_all_paths(bits, dtype, m):
 
     g = {1: 32, 5: 64, 16: 128, 32: 64, 33: 32, 300: 128}[m]
     n, k = 200, 1408
-    pw = _pw(n, k, bits, g, seed=bits * 1000 + g + m, bias=(m == 5))
+    pw = random_prepared(n, k, bits, g, seed=bits * 1000 + g + m, bias=(m == 5))
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    ref = _ref(x, pw)
+    ref = reference(x, pw)
     _check(gpu_matmul.matmul(x, pw), ref, dtype)
     if m <= gpu_matmul.SKINNY_MAX_M:
         for warps in (1, 3, 8):
             _check(gpu_matmul.gemv(x, pw, warps=warps), ref, dtype)
         xs = torch.randn(m, k + 8, device="cuda", dtype=dtype)[:, 8:]  # strided rows, offset base
-        _check(gpu_matmul.gemv(xs, pw), _ref(xs, pw), dtype)
+        _check(gpu_matmul.gemv(xs, pw), reference(xs, pw), dtype)
     else:
         _check(gpu_matmul.dequant_matmul(x, pw), ref, dtype)
 
@@ -71,23 +47,23 @@ def test_gemv_fusions(bits, dtype):
     from qalora.kernels import gpu_matmul
 
     n, k = 256, 2048
-    pw = _pw(n, k, bits, 128, seed=7)
-    glu = _pw(n, k, bits, 64, seed=8, bias=True, glu=True)
+    pw = random_prepared(n, k, bits, 128, seed=7)
+    glu = random_prepared(n, k, bits, 64, seed=8, bias=True, glu=True)
     for m in (1, 4, 12, 32):
         h = torch.randn(m, k, device="cuda")
         out = torch.randn(m, n, device="cuda")
         o = out.clone()
         gpu_matmul.gemv(h.to(dtype), pw, out=o, accumulate=True)
-        _check(o - out, _ref(h.to(dtype), pw), dtype)
+        _check(o - out, reference(h.to(dtype), pw), dtype)
         nw = torch.rand(k, device="cuda") + 0.5
         xn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
-        _check(gpu_matmul.gemv(h, pw, norm_weight=nw, dtype=dtype), _ref(xn, pw), dtype)
+        _check(gpu_matmul.gemv(h, pw, norm_weight=nw, dtype=dtype), reference(xn, pw), dtype)
         y = gpu_matmul.gemv(h, glu, norm_weight=nw, dtype=dtype)
         assert y.shape == (m, n // 2)
-        _check(y, _ref(xn, glu), dtype)
-        _check(gpu_matmul.matmul(xn.to(dtype), glu), _ref(xn.to(dtype), glu), dtype)
+        _check(y, reference(xn, glu), dtype)
+        _check(gpu_matmul.matmul(xn.to(dtype), glu), reference(xn.to(dtype), glu), dtype)
     x = torch.randn(40, k, device="cuda", dtype=dtype)  # large-M glu: dequant + cuBLAS + torch silu
-    _check(gpu_matmul.matmul(x, glu), _ref(x, glu), dtype)
+    _check(gpu_matmul.matmul(x, glu), reference(x, glu), dtype)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -97,16 +73,16 @@ def test_gemv_pipeline_depths_and_staging(bits):
     from qalora.kernels import gpu_matmul
 
     for n, k, ms in ((48, 4736, (3, 8)), (40, 640, (1, 7))):
-        pw = _pw(n, k, bits, 128, seed=bits + k)
+        pw = random_prepared(n, k, bits, 128, seed=bits + k)
         nw = torch.rand(k, device="cuda") + 0.5
         for m in ms:
             h = torch.randn(m, k, device="cuda")
             xn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
             for stages in (1, 2, 3, 4):
                 for warps in (2, 8):
-                    _check(gpu_matmul.gemv(h.bfloat16(), pw, warps=warps, stages=stages), _ref(h.bfloat16(), pw), torch.bfloat16)
+                    _check(gpu_matmul.gemv(h.bfloat16(), pw, warps=warps, stages=stages), reference(h.bfloat16(), pw), torch.bfloat16)
                     y = gpu_matmul.gemv(h, pw, norm_weight=nw, dtype=torch.float16, warps=warps, stages=stages)
-                    _check(y, _ref(xn, pw), torch.float16)
+                    _check(y, reference(xn, pw), torch.float16)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -118,21 +94,21 @@ def test_gemv_tiles_per_block(bits):
     from qalora.kernels import gpu_matmul
 
     k = 768
-    pw = _pw(16 * 257 - 8, k, bits, 64, seed=bits, bias=True)
-    glu = _pw(16 * 257, k, bits, 128, seed=bits + 1, glu=True)
+    pw = random_prepared(16 * 257 - 8, k, bits, 64, seed=bits, bias=True)
+    glu = random_prepared(16 * 257, k, bits, 128, seed=bits + 1, glu=True)
     nw = torch.rand(k, device="cuda") + 0.5
     for m in (6, 16, 32):
         h = torch.randn(m, k, device="cuda")
         x = h.bfloat16()
-        _check(gpu_matmul.gemv(x, pw), _ref(x, pw), torch.bfloat16)
+        _check(gpu_matmul.gemv(x, pw), reference(x, pw), torch.bfloat16)
         out = torch.randn(m, pw.out_features, device="cuda")
         o = out.clone()
         gpu_matmul.gemv(x, pw, out=o, accumulate=True)
-        _check(o - out, _ref(x, pw), torch.bfloat16)
+        _check(o - out, reference(x, pw), torch.bfloat16)
         xn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
         y = gpu_matmul.gemv(h, glu, norm_weight=nw, dtype=torch.float16)
         assert y.shape == (m, glu.out_features // 2)
-        _check(y, _ref(xn, glu), torch.float16)
+        _check(y, reference(xn, glu), torch.float16)
 
 
 @pytest.mark.parametrize("m", [1, 8])
@@ -144,7 +120,7 @@ def test_gemv_dependent_launches(m):
     from qalora.kernels import gpu_matmul
 
     k = 4096  # 8 MB weights: kernels long enough that a missing wait would read a stale input
-    w1, w2 = _pw(k, k, 4, 128, seed=1), _pw(k, k, 4, 128, seed=2)
+    w1, w2 = random_prepared(k, k, 4, 128, seed=1), random_prepared(k, k, 4, 128, seed=2)
     nw = torch.rand(k, device="cuda") + 0.5
     h0 = torch.randn(m, k, device="cuda")
     h = torch.empty_like(h0)
@@ -158,7 +134,7 @@ def test_gemv_dependent_launches(m):
 
     plain = chain(pdl=False).clone()
     xn = h0 * torch.rsqrt(h0.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
-    _check(gpu_matmul.gemv(h0, w1, norm_weight=nw, dtype=torch.bfloat16), _ref(xn, w1), torch.bfloat16)
+    _check(gpu_matmul.gemv(h0, w1, norm_weight=nw, dtype=torch.bfloat16), reference(xn, w1), torch.bfloat16)
     for _ in range(3):
         assert torch.equal(chain(), plain)
         assert torch.equal(chain(pdl=False), plain)
@@ -175,7 +151,7 @@ def test_dequant_kernel_exact():
 
     for bits in (2, 3, 4):
         for g in (32, 64, 128, 256):
-            pw = _pw(96, 1280, bits, g, seed=bits + g)
+            pw = random_prepared(96, 1280, bits, g, seed=bits + g)
             w = gpu_matmul.dequant(pw, torch.float32)
             torch.testing.assert_close(w, reference_dequant(pw), rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(gpu_matmul.dequant(pw, torch.bfloat16), reference_dequant(pw).bfloat16())

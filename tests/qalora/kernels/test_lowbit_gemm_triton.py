@@ -2,38 +2,11 @@
 
 import pytest
 import torch
+from lowbit_ref import TOL, random_prepared, reference, rel_err
 
 from qalora.kernels import triton_available
-from qalora.kernels.prepared import prepare_weight, reference_dequant
-from qalora.lowbit import pack_codes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not triton_available(), reason="needs CUDA and triton")]
-
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
-
-
-def _pw(n, k, bits, g, seed, bias=False, glu=False):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=gen, device="cuda").to(torch.uint8)
-    s = (torch.rand(n, k // g, generator=gen, device="cuda") * 0.02 + 0.001).half()
-    z = torch.rand(n, k // g, generator=gen, device="cuda") * ((1 << bits) - 1)
-    b = torch.randn(n, generator=gen, device="cuda") if bias else None
-    return prepare_weight(pack_codes(codes, bits), s, z, bits, g, k, bias=b, glu=glu)
-
-
-def _ref(x, pw):
-    y = x.double() @ reference_dequant(pw).double().t()
-    if pw.ref_bias is not None:
-        y = y + pw.ref_bias.double()
-    if pw.glu:
-        f = y.shape[-1] // 2
-        y = torch.nn.functional.silu(y[..., :f]) * y[..., f:]
-    return y
-
-
-def _err(y, ref):
-    assert torch.isfinite(y).all()
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -49,17 +22,17 @@ def test_fused_gemm_matches_reference(bits, dtype):
                                (128, 256, False, True, 77), (256, 144, True, True, 40)):
         if g < chunk_cols(bits) or k % g:
             continue
-        pw = _pw(n, k, bits, g, seed=bits * 100 + g + m, bias=bias, glu=glu)
+        pw = random_prepared(n, k, bits, g, seed=bits * 100 + g + m, bias=bias, glu=glu)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
-        ref = _ref(x, pw)
+        ref = reference(x, pw)
         assert gpu_matmul.large_m_path(pw, "fused") == "fused"
         y = gpu_matmul.matmul(x, pw, "fused")
         assert y.shape == ((m, n // 2) if glu else (m, n)) and y.dtype == dtype
-        assert _err(y, ref) < TOL[dtype], (g, n, bias, glu, m)
+        assert rel_err(y, ref) < TOL[dtype], (g, n, bias, glu, m)
         assert torch.equal(gpu_matmul.matmul(x, pw, "fused"), y)  # no atomics, no split-K: the same bits every call
         for cfg in (GemmConfig(64, 8, 4, 2), GemmConfig(128, 16, 8, 4, group_m=1), GemmConfig(64, 8, 8, 2, chunks=2, join=True),
                     GemmConfig(64, 8, 8, 2, chunks=bits, join=False)):
-            assert _err(lowbit_gemm(x, pw.tiles, pw.coef, pw.bias, bits, g, n, glu, cfg), ref) < TOL[dtype], cfg
+            assert rel_err(lowbit_gemm(x, pw.tiles, pw.coef, pw.bias, bits, g, n, glu, cfg), ref) < TOL[dtype], cfg
 
 
 def test_large_m_path_choice(monkeypatch):
@@ -68,7 +41,7 @@ def test_large_m_path_choice(monkeypatch):
     them names why it cannot."""
     from qalora.kernels import gpu_matmul
 
-    w3, w2_g64, w4_g64 = _pw(64, 512, 3, 128, seed=1), _pw(64, 512, 2, 64, seed=2), _pw(64, 512, 4, 64, seed=3)
+    w3, w2_g64, w4_g64 = random_prepared(64, 512, 3, 128, seed=1), random_prepared(64, 512, 2, 64, seed=2), random_prepared(64, 512, 4, 64, seed=3)
     for auto in ("dequant", "fused"):
         monkeypatch.setattr(gpu_matmul, "LARGE_M_AUTO", auto)
         assert gpu_matmul.large_m_path(w3) == "dequant"
