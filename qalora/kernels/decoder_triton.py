@@ -125,7 +125,9 @@ def _attn_decode_kernel(qkv_ptr, kc_ptr, vc_ptr, out_ptr, pos_ptr, inv_freq_ptr,
         tl.store(pb + HALF + offs, acc2)
         tl.store(pb + DH, m)
         tl.store(pb + DH + 1, l)
-        # release: the partial above is visible to whichever program sees the last count (acquire)
+        # release: the partial above is visible to whichever program sees the last count (acquire); triton
+        # puts a CTA barrier on both sides of this scalar atomic (checked in the PTX), so every thread's
+        # stores precede it and every thread's merge loads follow it
         done = tl.atomic_add(cnt_ptr + b * H + h, 1, sem="acq_rel")
         last = done == SPLITS - 1
     else:

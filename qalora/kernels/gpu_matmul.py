@@ -151,7 +151,7 @@ def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
     return glu_act(y) if pw.glu else y
 
 
-LARGE_M_AUTO = "dequant"  # H200, LLaMA-7B shapes, M = 64..2048: the fused GEMM ran 1.7-3.3x slower (RESULTS round 5)
+LARGE_M_AUTO = "dequant"  # H200, LLaMA-7B shapes: the fused GEMM ran 1.4-2.4x slower at M = 256-2048 (RESULTS round 5)
 
 
 def large_m_path(pw: PreparedWeight, prefer: str = "auto") -> str:
