@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qalora.kernels.layout import STEP_K, TILE_N
+from qalora.kernels.layout import STEP_K
 
 GEMM_BITS = (2, 4)
 
@@ -68,7 +68,7 @@ def gemm_config(m: int, n: int, k: int) -> GemmConfig:
     every shape (256/8/8/3)."""
     if m >= 1024:
         return GemmConfig(block_m=256, block_t=8, num_warps=8, num_stages=3)
-    return GemmConfig(block_m=128, block_t=8, num_warps=4, num_stages=3)
+    return DEFAULT_CONFIG  # 128/8/4/3
 
 
 @triton.jit
