@@ -33,3 +33,16 @@ def reference(x, pw):
 def rel_err(y, ref):
     assert torch.isfinite(y).all()
     return float((y.double() - ref).norm() / ref.norm())
+
+
+def assert_graph_replays(fn, out, expected, reps=3):
+    """``fn`` captured in a CUDA graph writes ``expected`` into ``out`` on every replay (``out`` poisoned with
+    NaN before each, so a replay that writes nothing fails)."""
+    from qalora.decoder import capture_graph
+
+    graph = capture_graph(fn)
+    for _ in range(reps):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
