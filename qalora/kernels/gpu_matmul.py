@@ -25,6 +25,7 @@ EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
 MANY_TILES = 768  # 16-row tiles from which blocks of 4 warps beat 8
 MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
 DEFAULT_STAGES = 2  # cp.async ring slots per warp: stages - 1 steps in flight while one is computed
+STREAM_BLOCKS_PER_SM = 0  # the stream-K grid's blocks per SM by default (0: one block per R tiles)
 
 _EMPTY: dict[torch.device, torch.Tensor] = {}
 
@@ -52,7 +53,7 @@ def stages_x(m: int, k: int) -> bool:
     rule). Only then does the fused RMSNorm prologue pay: without staging every warp re-reads and
     re-normalizes fp32 x for every span, and a separate RMSNorm pass is cheaper (H200, LLaMA-7B
     qkv/gate_up at M = 32: 203.6 us per fused call against ~71 unfused; benchmarks/RESULTS.md)."""
-    return m <= SX_MAX_ROWS and k % 8 == 0 and m * (k + 32) * 2 <= SX_MAX_BYTES
+    return m <= SX_MAX_ROWS and k % 8 == 0 and m * (-(-k // 256) * 256 + 32) * 2 <= SX_MAX_BYTES
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +79,13 @@ def gemv(
     warps: int | None = None,
     stages: int = DEFAULT_STAGES,
     pdl: bool = True,
+    blocks_per_sm: int | None = None,
 ) -> torch.Tensor:
     """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias).
 
     - ``norm_weight`` (fp32 [K]): x is an fp32 residual stream [M, K] and the input is
-      rmsnorm(x, eps) * norm_weight, fused into the kernel; ``dtype`` picks the compute dtype.
+      rmsnorm(x, eps) * norm_weight, fused into the kernel where it stages x (``stages_x``), else
+      computed first; ``dtype`` picks the compute dtype.
     - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T (a residual add).
     - a ``glu`` weight returns silu(gate) * up, [M, N/2].
     - ``dtype``: compute/output dtype (fp16/bf16); defaults to x's dtype.
@@ -93,6 +96,9 @@ def gemv(
       x or ``out``, so the result is the same bits either way. Measured on an H200 with 32 LLaMA-7B
       layers' GEMVs back to back: 2-3% less time per layer at M = 16 and 32, within +1-2.5% at M = 1
       and 8 (benchmarks/RESULTS.md, round 4).
+    - ``blocks_per_sm`` > 0: the stream-K kernel, a persistent grid of that many blocks per SM (at most
+      what fits) in which every warp streams an equal share of the weight; 0: one block per two
+      tiles. Only where x is staged (``stages_x``); default ``STREAM_BLOCKS_PER_SM``.
     """
     m, k = x.shape
     n = pw.out_features
@@ -105,6 +111,11 @@ def gemv(
     dtype = dtype or x.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"compute dtype must be fp16 or bf16, not {dtype}")
+    if norm_weight is not None and not stages_x(m, k):
+        # the kernel fuses the norm only into staged x; above that, normalize first (fp32, then dtype)
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(dtype)
+        norm_weight = None
     if norm_weight is not None:
         x = _aligned(x.float())
         nw = norm_weight.float().contiguous()
@@ -123,7 +134,8 @@ def gemv(
         epi = EPI_GLU if pw.glu else EPI_STORE
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
-               warps or default_warps(pw), stages, dtype == torch.bfloat16, pdl)
+               warps or default_warps(pw), stages, dtype == torch.bfloat16, pdl,
+               STREAM_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm)
     return out
 
 

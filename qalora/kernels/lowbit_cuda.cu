@@ -108,6 +108,245 @@ __device__ __forceinline__ uint32_t pair(const uint32_t* w, int P, uint32_t magi
 
 enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
 
+// The arguments of both skinny kernels (gemv_kernel, gemv_stream_kernel), in one struct that their
+// shared device functions take by reference.
+struct GemvArgs {
+  const void* xv;        // x [M, K]: T, or fp32 with a norm weight
+  const float* nw;       // RMSNorm weight [K] or null
+  const uint4* tiles;    // codes, uint4 [T, S, BITS, 32]
+  const float4* coef;    // float4 [T, Lp, 8]
+  const float* bias;     // [N] or null
+  void* outv;            // see Epi
+  int M, N, K, S, Lp, log2_spg;
+  long long stride_xm, stride_om;
+  int epi;
+  float eps;
+  int nst;               // ring slots per warp
+  int ring_off;          // uint4s of dynamic shared memory before the rings (the staged x)
+  int ntiles;
+};
+
+// log2 of the 32-column spans per group: GS when the kernel is compiled for one group size (the
+// group epilogue's spans are then known at compile time, no per-span test and branch), else the
+// argument.
+template <int GS>
+__device__ __forceinline__ int spg_log2(const GemvArgs& a) { return GS >= 0 ? GS : a.log2_spg; }
+
+// Bytes of the ring slot of one step: the codes of R tiles, then their ng groups' coefficients.
+template <int BITS, int R>
+__device__ __forceinline__ int slot_u4(int ng) { return R * (BITS * 32 + ng * 8); }
+
+// Queue one step's copies into slot d: lane L's code chunks of the R tiles (wsrc[r]: tile r's codes
+// at this lane, step 0) and the tiles' coefficients for the step's groups (first lanes; tiles past
+// the last re-read the last one, rmax = the last tile's index within the R).
+template <int BITS, int R, int GS>
+__device__ __forceinline__ void issue_step(const GemvArgs& a, uint4* d, const uint4* const (&wsrc)[R],
+                                           const float4* csrc, int rmax, int st, int lane) {
+  const int l2 = spg_log2<GS>(a);
+  const int log2_cpt = 6 - min(l2, 3);  // coefficient chunks per tile and step: ng * 8
+  const int cpt_mask = (1 << log2_cpt) - 1;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) cp_async16(d + (r * BITS + j) * 32 + lane, wsrc[r] + (st * BITS + j) * 32);
+  }
+  const int gb8 = ((st * 8) >> l2) * 8;
+  for (int i = lane; i < (R << log2_cpt); i += 32)
+    cp_async16(d + R * BITS * 32 + i, csrc + min(i >> log2_cpt, rmax) * a.Lp * 8 + gb8 + (i & cpt_mask));
+}
+
+// Row stride of the staged x (SX), in elements: K rounded up to whole 256-column steps, zeros past K
+// (so the inner loop reads x unpredicated), plus 32 so that rows g and g+1 of a quarter-warp's
+// 16-byte loads fall in different banks.
+__host__ __device__ __forceinline__ int sx_ld(int K) { return ((K + 255) & ~255) + 32; }
+
+// SX prologue: stage x (x * nw with NORM) as T in shared memory, row r at sx[r * ldx]; with NORM each
+// warp's sums of squares per row go to rss_sx[warp][row], added later in a fixed order. Ends with a
+// block barrier.
+template <typename T, bool NORM>
+__device__ __forceinline__ void stage_x(const GemvArgs& a, T* sx, int ldx, float (*rss_sx)[8], int lane, int warp) {
+  const int chunks = (ldx - 32) >> 3;
+  float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
+  for (int idx = threadIdx.x; idx < a.M * chunks; idx += blockDim.x) {
+    const int r = idx / chunks, k = (idx - r * chunks) << 3;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (k >= a.K) {
+    } else if (NORM) {
+      const float* xr = reinterpret_cast<const float*>(a.xv) + r * a.stride_xm + k;
+      const float4 x0 = __ldg(reinterpret_cast<const float4*>(xr)), x1 = __ldg(reinterpret_cast<const float4*>(xr + 4));
+      const float4 n0 = __ldg(reinterpret_cast<const float4*>(a.nw + k)), n1 = __ldg(reinterpret_cast<const float4*>(a.nw + k + 4));
+      const float q = x0.x * x0.x + x0.y * x0.y + x0.z * x0.z + x0.w * x0.w + x1.x * x1.x + x1.y * x1.y +
+                      x1.z * x1.z + x1.w * x1.w;
+#pragma unroll
+      for (int rr = 0; rr < 8; ++rr) ssr[rr] += rr == r ? q : 0.f;
+      v.x = Num<T>::pack(x0.x * n0.x, x0.y * n0.y);
+      v.y = Num<T>::pack(x0.z * n0.z, x0.w * n0.w);
+      v.z = Num<T>::pack(x1.x * n1.x, x1.y * n1.y);
+      v.w = Num<T>::pack(x1.z * n1.z, x1.w * n1.w);
+    } else {
+      v = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(a.xv) + r * a.stride_xm + k));
+    }
+    *reinterpret_cast<uint4*>(sx + r * ldx + k) = v;
+  }
+  if (NORM) {
+#pragma unroll
+    for (int rr = 0; rr < 8; ++rr) {
+      if (rr >= a.M) break;
+      float q = ssr[rr];
+#pragma unroll
+      for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+      if (lane == 0) rss_sx[warp][rr] = q;
+    }
+  }
+  __syncthreads();
+}
+
+// One 256-column step s of R tiles from ring slot cur: P' per tile and group into tmp, the group sums
+// of x into xsum, and at each group's end (or at slice_end, the last step this warp takes of these
+// tiles) the group's coefficients into acc. x from the staged sx (SX) or from global memory.
+template <typename T, int BITS, int NT, bool SX, int R, int GS>
+__device__ __forceinline__ void step_mma(const GemvArgs& a, const uint4* cur, int s, bool slice_end, const T* sx,
+                                         int ldx, int lane, float (&acc)[R][NT][4], float (&tmp)[R][NT][4],
+                                         float (&xsum)[NT][4]) {
+  constexpr float OFF = Num<T>::off;
+  const uint32_t ones[4] = {Num<T>::one2, Num<T>::one2, Num<T>::one2, Num<T>::one2};
+  const int g = lane >> 2, t = lane & 3;
+  const int l2 = spg_log2<GS>(a);
+  const int spg_mask = (1 << l2) - 1;
+  const int ng = l2 >= 3 ? 1 : 8 >> l2;  // groups per step
+  const float4* scoef = reinterpret_cast<const float4*>(cur + R * BITS * 32);
+#pragma unroll
+  for (int sp = 0; sp < 8; ++sp) {
+    const int span = s * 8 + sp;
+    const int k = span * 32 + 8 * t;
+    uint32_t b[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int row = 8 * n + g;
+      const bool ok = row < a.M && k < a.K;
+      if (SX) {
+        // rows past M read row M - 1: the mma keeps x rows apart and their outputs are never stored;
+        // columns past K are staged zeros
+        const uint4 v = *reinterpret_cast<const uint4*>(sx + min(row, a.M - 1) * ldx + k);
+        b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
+      } else {
+        const T* xr = reinterpret_cast<const T*>(a.xv) + (ok ? row * a.stride_xm + k : 0);
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(xr));
+        if (!ok) v = make_uint4(0u, 0u, 0u, 0u);
+        b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
+      }
+    }
+    // X = sum of the (rounded) activations, by the tensor cores: A = ones puts it straight into
+    // the accumulator layout, and it is exactly what the OFF * X term must cancel; once for R tiles
+#pragma unroll
+    for (int f = 0; f < 2; ++f) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) mma(xsum[n], ones, b[n][2 * f], b[n][2 * f + 1], T());
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      // the lane's code words of tile r (the ones span sp does not use are never loaded)
+      uint32_t w[4 * BITS];
+#pragma unroll
+      for (int j = 0; j < BITS; ++j) {
+        const uint4 v = cur[(r * BITS + j) * 32 + lane];
+        w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
+      }
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        uint32_t av[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) av[i] = pair<BITS>(w, 8 * sp + 4 * f + i, Num<T>::magic);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) mma(tmp[r][n], av, b[n][2 * f], b[n][2 * f + 1], T());
+      }
+    }
+    if (((span + 1) & spg_mask) == 0 || (sp == 7 && slice_end)) {  // group (or slice) ends
+      const int j = l2 >= 3 ? 0 : sp >> l2;                          // group within the step
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        // {s, -s z} of rows g and g + 8 (8 distinct addresses per warp: broadcast reads)
+        const float4 c = scoef[(r * ng + j) * 8 + g];
+        // s (P' - OFF X) + (-s z) X = s P' + (-s z - OFF s) X: two FMA per output, not four
+        const float z0 = fmaf(-OFF, c.x, c.y), z1 = fmaf(-OFF, c.z, c.w);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[r][n][0] = fmaf(z0, xsum[n][0], fmaf(c.x, tmp[r][n][0], acc[r][n][0]));
+          acc[r][n][1] = fmaf(z0, xsum[n][1], fmaf(c.x, tmp[r][n][1], acc[r][n][1]));
+          acc[r][n][2] = fmaf(z1, xsum[n][2], fmaf(c.z, tmp[r][n][2], acc[r][n][2]));
+          acc[r][n][3] = fmaf(z1, xsum[n][3], fmaf(c.z, tmp[r][n][3], acc[r][n][3]));
+#pragma unroll
+          for (int e = 0; e < 4; ++e) tmp[r][n][e] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) xsum[n][e] = 0.f;
+      }
+    }
+  }
+}
+
+// The finished sums y of fragment n of one tile (rows 16 tile + g + {0, 0, 8, 8}, x rows 8 n + 2 t +
+// {0, 1, 0, 1}; already scaled by 1/rms with NORM): plus bias, written per the epilogue.
+template <typename T>
+__device__ __forceinline__ void store_tile(const GemvArgs& a, const float (&y0)[4], int tile, int n, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = tile * 16 + g;
+  float y[4] = {y0[0], y0[1], y0[2], y0[3]};
+  if (a.bias != nullptr) {
+    if (row0 < a.N) { y[0] += a.bias[row0]; y[1] += a.bias[row0]; }
+    if (row0 + 8 < a.N) { y[2] += a.bias[row0 + 8]; y[3] += a.bias[row0 + 8]; }
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int col = 8 * n + 2 * t + c;
+    if (col >= a.M) continue;
+    if (a.epi == GLU) {  // rows g (gate) and g + 8 (up) of this tile are gate/up of output 8*tile+g
+      const int j = tile * 8 + g;
+      if (j < a.N / 2) {
+        const float gt = y[c], up = y[2 + c];
+        reinterpret_cast<T*>(a.outv)[col * a.stride_om + j] = Num<T>::from(gt / (1.f + __expf(-gt)) * up);
+      }
+      continue;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 8 * h;
+      if (row >= a.N) continue;
+      if (a.epi == ACCUM) reinterpret_cast<float*>(a.outv)[col * a.stride_om + row] += y[2 * h + c];
+      else reinterpret_cast<T*>(a.outv)[col * a.stride_om + row] = Num<T>::from(y[2 * h + c]);
+    }
+  }
+}
+
+// 1/rms of the x rows this lane's outputs belong to (e: 0..3 as in the mma accumulator; staged x, so
+// fragment n = 0), from the staging warps' sums of squares rss[w][row], added in warp order.
+__device__ __forceinline__ void scale_rms(const GemvArgs& a, float (&y)[4], const float (*rss)[8], int nwarps, int n,
+                                          int lane) {
+  const int t = lane & 3;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int col = 8 * n + 2 * t + (e & 1);
+    float q = 0.f;
+    if (col < 8) for (int w2 = 0; w2 < nwarps; ++w2) q += rss[w2][col];
+    y[e] *= rsqrtf(q / a.K + a.eps);
+  }
+}
+
+template <int R, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[R][NT][4]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][n][e] = 0.f;
+    }
+  }
+}
+
 // out[m, n] = sum_k x[m, k] W[n, k] for M <= 8*NT rows of x.
 // grid: (cdiv(#tiles, R)), block: 32*W threads. A block takes R consecutive 16-row tiles; warp w
 // takes steps [w*S/W, (w+1)*S/W) of all of them and the warps' partial sums are added in shared
@@ -115,9 +354,9 @@ enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
 // by one thread, so ACCUM is a plain +=). R > 1: each activation fragment a warp loads (and its
 // group sum, by the tensor cores) serves R tiles instead of one; at M = 32 without it every block
 // re-read all of x [32, K] from L2 for 32 KB of weights (qkv: 196 MB of L2 reads for 25 MB of codes).
-// NORM: x is an fp32 residual stream [M, K]; the input is rmsnorm(x) * nw. 1/rms(x[m]) is a
-//   per-row factor, so the kernel feeds x * nw to the mma and multiplies the result by it; the
-//   block sees all of x[m] anyway, so the sum of squares comes for free.
+// NORM (with SX only): x is an fp32 residual stream [M, K]; the input is rmsnorm(x) * nw. 1/rms(x[m])
+//   is a per-row factor, so the kernel stages x * nw for the mma and multiplies the result by it; the
+//   block stages all of x[m] anyway, so the sum of squares comes for free.
 // epi: STORE writes T [M, N]; ACCUM adds into fp32 [M, N]; GLU (rows interleaved gate/up in
 //   blocks of 8, see layout.glu_row_perm) writes silu(gate) * up as T [M, N/2].
 // SX (few rows, see SX_MAX_ROWS): the block first stages its activations in shared memory as T
@@ -128,31 +367,21 @@ enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
 //   bandwidth, 0.44 instructions per cycle per scheduler with 3.4 warps resident).
 // Blocks per SM: with R = 1 above NT = 1 two (128 registers); left free, ptxas took 212 at NT = 4 and one
 // block per SM lost 1.4x (benchmarks/RESULTS.md, round 3). R = 2 at NT = 4 needs ~254.
-template <typename T, int BITS, int NT, bool NORM, bool SX, int R>
-__global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_kernel(
-    const void* __restrict__ xv, const float* __restrict__ nw, const uint4* __restrict__ tiles,
-    const float4* __restrict__ coef, const float* __restrict__ bias, void* __restrict__ outv, int M, int N,
-    int K, int S, int Lp, int log2_spg, long long stride_xm, long long stride_om, int epi, float eps, int nst,
-    int ring_off, int ntiles) {
-  constexpr float OFF = Num<T>::off;
-  const uint32_t ones[4] = {Num<T>::one2, Num<T>::one2, Num<T>::one2, Num<T>::one2};
+template <typename T, int BITS, int NT, bool NORM, bool SX, int R, int GS>
+__global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R > 1 ? 1 : 2)) gemv_kernel(const GemvArgs a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
   const int tile0 = blockIdx.x * R;
-  const int s0 = warp * S / nwarps, s1 = (warp + 1) * S / nwarps;
-  const int spg_mask = (1 << log2_spg) - 1;
-  const int ng = log2_spg >= 3 ? 1 : 8 >> log2_spg;  // groups per step
+  const int s0 = warp * a.S / nwarps, s1 = (warp + 1) * a.S / nwarps;
+  const int l2 = spg_log2<GS>(a), ng = l2 >= 3 ? 1 : 8 >> l2;  // groups per step
+  const int nst = a.nst;
 
-  float acc[R][NT][4], tmp[R][NT][4], xsum[NT][4], ss[NT];
+  float acc[R][NT][4], tmp[R][NT][4], xsum[NT][4];
+  zero_acc(acc);
+  zero_acc(tmp);
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
-    ss[n] = 0.f;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      xsum[n][e] = 0.f;
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r][n][e] = tmp[r][n][e] = 0.f;
-    }
+    for (int e = 0; e < 4; ++e) xsum[n][e] = 0.f;
   }
 
   // Weight codes and coefficients stream through a per-warp ring of NST shared-memory slots
@@ -164,180 +393,48 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
   // before a slot is refilled. Tiles past the last (the grid is rounded up to R) re-read the last
   // tile and store nothing: their rows are >= N.
   extern __shared__ uint4 dyn_smem[];
-  const int slot_u4 = R * (BITS * 32 + ng * 8);
-  const int log2_cpt = 6 - min(log2_spg, 3);  // coefficient chunks per tile and step: ng * 8
-  uint4* ring = dyn_smem + ring_off + (size_t)warp * nst * slot_u4;
+  const int su4 = slot_u4<BITS, R>(ng);
+  uint4* ring = dyn_smem + a.ring_off + (size_t)warp * nst * su4;
   // The step-invariant part of each tile's addresses, once: recomputed per step (64-bit products,
   // clamps) it was most of the ~250 instructions of a step's bookkeeping (SASS, round 4).
   const uint4* wsrc[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) wsrc[r] = tiles + (size_t)min(tile0 + r, ntiles - 1) * S * BITS * 32 + lane;
-  const float4* csrc = coef + (size_t)tile0 * Lp * 8;
-  const int cpt_mask = (1 << log2_cpt) - 1, rmax = ntiles - 1 - tile0;  // rmax: tiles after tile0
-  auto issue_step = [&](int st, uint4* d) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int j = 0; j < BITS; ++j) cp_async16(d + (r * BITS + j) * 32 + lane, wsrc[r] + (st * BITS + j) * 32);
-    }
-    const int gb8 = ((st * 8) >> log2_spg) * 8;
-    for (int i = lane; i < (R << log2_cpt); i += 32)
-      cp_async16(d + R * BITS * 32 + i, csrc + min(i >> log2_cpt, rmax) * Lp * 8 + gb8 + (i & cpt_mask));
-  };
+  for (int r = 0; r < R; ++r) wsrc[r] = a.tiles + (size_t)min(tile0 + r, a.ntiles - 1) * a.S * BITS * 32 + lane;
+  const float4* csrc = a.coef + (size_t)tile0 * a.Lp * 8;
+  const int rmax = a.ntiles - 1 - tile0;  // tiles after tile0
   // The next kernel may be scheduled once all of this grid's blocks are resident: its blocks then
   // issue their first weight loads while this one finishes. Up to pdl_wait a block reads only
   // weights, which no kernel writes; x and out belong to the kernels before it.
   pdl_trigger();
   for (int i = 0; i < nst - 1; ++i) {
-    if (s0 + i < s1) issue_step(s0 + i, ring + i * slot_u4);
+    if (s0 + i < s1) issue_step<BITS, R, GS>(a, ring + i * su4, wsrc, csrc, rmax, s0 + i, lane);
     cp_commit();
   }
   pdl_wait();
 
-  // SX staging: row r of x at sx[r * ldx], padded by 32 elements so that rows g and g+1 of a
-  // quarter-warp's 16-byte loads fall in different banks
-  const T* sx = reinterpret_cast<const T*>(dyn_smem);
-  const int ldx = K + 32;
+  T* sx = reinterpret_cast<T*>(dyn_smem);
+  const int ldx = sx_ld(a.K);
   __shared__ float rss_sx[8][8];  // [warp][row]: each warp's sums of squares, added in a fixed order
-  if (SX) {
-    const int chunks = K >> 3;
-    float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
-    for (int idx = threadIdx.x; idx < M * chunks; idx += blockDim.x) {
-      const int r = idx / chunks, k = (idx - r * chunks) << 3;
-      uint4 v;
-      if (NORM) {
-        const float* xr = reinterpret_cast<const float*>(xv) + r * stride_xm + k;
-        const float4 x0 = __ldg(reinterpret_cast<const float4*>(xr)), x1 = __ldg(reinterpret_cast<const float4*>(xr + 4));
-        const float4 n0 = __ldg(reinterpret_cast<const float4*>(nw + k)), n1 = __ldg(reinterpret_cast<const float4*>(nw + k + 4));
-        const float q = x0.x * x0.x + x0.y * x0.y + x0.z * x0.z + x0.w * x0.w + x1.x * x1.x + x1.y * x1.y +
-                        x1.z * x1.z + x1.w * x1.w;
-#pragma unroll
-        for (int rr = 0; rr < 8; ++rr) ssr[rr] += rr == r ? q : 0.f;
-        v.x = Num<T>::pack(x0.x * n0.x, x0.y * n0.y);
-        v.y = Num<T>::pack(x0.z * n0.z, x0.w * n0.w);
-        v.z = Num<T>::pack(x1.x * n1.x, x1.y * n1.y);
-        v.w = Num<T>::pack(x1.z * n1.z, x1.w * n1.w);
-      } else {
-        v = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(xv) + r * stride_xm + k));
-      }
-      *reinterpret_cast<uint4*>(const_cast<T*>(sx) + r * ldx + k) = v;
-    }
-    if (NORM) {
-#pragma unroll
-      for (int rr = 0; rr < 8; ++rr) {
-        if (rr >= M) break;
-        float q = ssr[rr];
-#pragma unroll
-        for (int o = 16; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-        if (lane == 0) rss_sx[warp][rr] = q;
-      }
-    }
-    __syncthreads();
-  }
-  uint4* const ring_end = ring + nst * slot_u4;
-  uint4* slot = ring;                             // read this step
-  uint4* fill = ring + (nst - 1) * slot_u4;       // refilled this step: the one read last step
+  if (SX) stage_x<T, NORM>(a, sx, ldx, rss_sx, lane, warp);
+  uint4* const ring_end = ring + nst * su4;
+  uint4* slot = ring;                     // read this step
+  uint4* fill = ring + (nst - 1) * su4;   // refilled this step: the one read last step
   for (int s = s0; s < s1; ++s) {
     __syncwarp();  // every lane is done with the slot read last step
-    if (s + nst - 1 < s1) issue_step(s + nst - 1, fill);
+    if (s + nst - 1 < s1) issue_step<BITS, R, GS>(a, fill, wsrc, csrc, rmax, s + nst - 1, lane);
     cp_commit();
     cp_wait_pending(nst - 1);  // this step's group has landed
     __syncwarp();              // ... for every lane's copies
     fill = slot;  // next step refills the slot read now (cur) and reads the one after it
-    if (slot + slot_u4 == ring_end) slot = ring;
-    else slot += slot_u4;
-    const uint4* cur = fill;
-    const float4* scoef = reinterpret_cast<const float4*>(cur + R * BITS * 32);
-#pragma unroll
-    for (int sp = 0; sp < 8; ++sp) {
-      const int span = s * 8 + sp;
-      const int k = span * 32 + 8 * t;
-      uint32_t b[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const int row = 8 * n + g;
-        const bool ok = row < M && k < K;
-        if (SX) {
-          uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (ok) v = *reinterpret_cast<const uint4*>(sx + row * ldx + k);
-          b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
-        } else if (NORM) {
-          const float* xr = reinterpret_cast<const float*>(xv) + (ok ? row * stride_xm + k : 0);
-          const float* nr = nw + (ok ? k : 0);
-          float4 x0 = __ldg(reinterpret_cast<const float4*>(xr)), x1 = __ldg(reinterpret_cast<const float4*>(xr + 4));
-          if (!ok) x0 = x1 = make_float4(0.f, 0.f, 0.f, 0.f);
-          const float4 n0 = __ldg(reinterpret_cast<const float4*>(nr));
-          const float4 n1 = __ldg(reinterpret_cast<const float4*>(nr + 4));
-          ss[n] += x0.x * x0.x + x0.y * x0.y + x0.z * x0.z + x0.w * x0.w + x1.x * x1.x + x1.y * x1.y +
-                   x1.z * x1.z + x1.w * x1.w;
-          b[n][0] = Num<T>::pack(x0.x * n0.x, x0.y * n0.y);
-          b[n][1] = Num<T>::pack(x0.z * n0.z, x0.w * n0.w);
-          b[n][2] = Num<T>::pack(x1.x * n1.x, x1.y * n1.y);
-          b[n][3] = Num<T>::pack(x1.z * n1.z, x1.w * n1.w);
-        } else {
-          const T* xr = reinterpret_cast<const T*>(xv) + (ok ? row * stride_xm + k : 0);
-          uint4 v = __ldg(reinterpret_cast<const uint4*>(xr));
-          if (!ok) v = make_uint4(0u, 0u, 0u, 0u);
-          b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
-        }
-      }
-      // X = sum of the (rounded) activations, by the tensor cores: A = ones puts it straight into
-      // the accumulator layout, and it is exactly what the OFF * X term must cancel; once for R tiles
-#pragma unroll
-      for (int f = 0; f < 2; ++f) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n) mma(xsum[n], ones, b[n][2 * f], b[n][2 * f + 1], T());
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        // the lane's code words of tile r (the ones span sp does not use are never loaded)
-        uint32_t w[4 * BITS];
-#pragma unroll
-        for (int j = 0; j < BITS; ++j) {
-          const uint4 v = cur[(r * BITS + j) * 32 + lane];
-          w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
-        }
-#pragma unroll
-        for (int f = 0; f < 2; ++f) {
-          uint32_t a[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) a[i] = pair<BITS>(w, 8 * sp + 4 * f + i, Num<T>::magic);
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma(tmp[r][n], a, b[n][2 * f], b[n][2 * f + 1], T());
-        }
-      }
-      if (((span + 1) & spg_mask) == 0 || (sp == 7 && s + 1 == s1)) {  // group (or slice) ends
-        const int j = log2_spg >= 3 ? 0 : sp >> log2_spg;             // group within the step
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          // {s, -s z} of rows g and g + 8 (8 distinct addresses per warp: broadcast reads)
-          const float4 c = scoef[(r * ng + j) * 8 + g];
-          // s (P' - OFF X) + (-s z) X = s P' + (-s z - OFF s) X: two FMA per output, not four
-          const float z0 = fmaf(-OFF, c.x, c.y), z1 = fmaf(-OFF, c.z, c.w);
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            acc[r][n][0] = fmaf(z0, xsum[n][0], fmaf(c.x, tmp[r][n][0], acc[r][n][0]));
-            acc[r][n][1] = fmaf(z0, xsum[n][1], fmaf(c.x, tmp[r][n][1], acc[r][n][1]));
-            acc[r][n][2] = fmaf(z1, xsum[n][2], fmaf(c.z, tmp[r][n][2], acc[r][n][2]));
-            acc[r][n][3] = fmaf(z1, xsum[n][3], fmaf(c.z, tmp[r][n][3], acc[r][n][3]));
-#pragma unroll
-            for (int e = 0; e < 4; ++e) tmp[r][n][e] = 0.f;
-          }
-        }
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) xsum[n][e] = 0.f;
-        }
-      }
-    }
+    if (slot + su4 == ring_end) slot = ring;
+    else slot += su4;
+    step_mma<T, BITS, NT, SX, R, GS>(a, fill, s, s + 1 == s1, sx, ldx, lane, acc, tmp, xsum);
   }
 
   // block reduction over the warps' K slices, in the rings' memory once every warp is done
   cp_wait_pending(0);
   __syncthreads();
-  float(*red)[R * NT * 4][32] = reinterpret_cast<float(*)[R * NT * 4][32]>(dyn_smem + ring_off);
-  __shared__ float rss[8][8 * NT];
+  float(*red)[R * NT * 4][32] = reinterpret_cast<float(*)[R * NT * 4][32]>(dyn_smem + a.ring_off);
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
 #pragma unroll
@@ -345,18 +442,11 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
 #pragma unroll
       for (int r = 0; r < R; ++r) red[warp][(r * NT + n) * 4 + e][lane] = acc[r][n][e];
     }
-    if (NORM) {
-      float v = ss[n];
-      v += __shfl_xor_sync(0xffffffffu, v, 1);
-      v += __shfl_xor_sync(0xffffffffu, v, 2);
-      if (t == 0) rss[warp][8 * n + g] = v;
-    }
   }
   __syncthreads();
   for (int r = warp; r < R; r += nwarps) {  // warp r finishes tile r
     const int tile = tile0 + r;
-    if (tile >= ntiles) break;
-    const int row0 = tile * 16 + g;
+    if (tile >= a.ntiles) break;
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       float y[4];
@@ -366,42 +456,140 @@ __global__ void __launch_bounds__(256, SX ? 4 : (NT > 1 && R > 1 ? 1 : 2)) gemv_
         for (int w2 = 0; w2 < nwarps; ++w2) v += red[w2][(r * NT + n) * 4 + e][lane];
         y[e] = v;
       }
-      if (NORM) {
+      if (NORM) scale_rms(a, y, rss_sx, nwarps, n, lane);
+      store_tile<T>(a, y, tile, n, lane);
+    }
+  }
+}
+
+// The same product, stream-K: the (R-tile group, step) units of the whole weight, in group-major
+// order, are cut into equal contiguous ranges, one per warp of the grid (a persistent grid sized
+// to the SMs, not one block per R tiles). Each warp's cp.async ring then runs across tile groups for
+// its whole range, and every warp streams the same number of bytes. A group whose steps are split
+// over several warps is finished by the last of them to arrive (an atomic counter per group, reset
+// by that warp for the next launch): each writes its partial sums to part [2 x warps][R*NT*4][32]
+// (its first and last group), and the finishing warp adds them in warp order, so the result is the
+// same bits on every run.
+template <typename T, int BITS, int NT, bool NORM, bool SX, int R, int GS>
+__global__ void __launch_bounds__(256, NT > 1 && R > 1 ? 1 : 2) gemv_stream_kernel(const GemvArgs a, float* __restrict__ part, int* __restrict__ count) {
+  constexpr int NV = R * NT * 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int S = a.S, nst = a.nst;
+  const int l2 = spg_log2<GS>(a), ng = l2 >= 3 ? 1 : 8 >> l2;
+  const long long NW = (long long)gridDim.x * nwarps, U = (long long)((a.ntiles + R - 1) / R) * S;
+  const int gw = blockIdx.x * nwarps + warp;
+  const int u0 = (int)(gw * U / NW), u1 = (int)((gw + 1) * U / NW);
+  // the warp whose range holds unit u, and the first group of warp w's range
+  auto owner = [&](int u) { return (int)(((long long)u * NW + NW - 1) / U); };
+  auto first_group = [&](int w) { return (int)(w * U / NW) / S; };
+
+  float acc[R][NT][4], tmp[R][NT][4], xsum[NT][4];
+  zero_acc(acc);
+  zero_acc(tmp);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = 8 * n + 2 * t + (e & 1);
-          float q = 0.f;
-          if (SX) for (int w2 = 0; w2 < nwarps && col < 8; ++w2) q += rss_sx[w2][col];
-          else for (int w2 = 0; w2 < nwarps; ++w2) q += rss[w2][col];
-          y[e] *= rsqrtf(q / K + eps);
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) xsum[n][e] = 0.f;
+  }
+
+  extern __shared__ uint4 dyn_smem[];
+  const int su4 = slot_u4<BITS, R>(ng);
+  uint4* ring = dyn_smem + a.ring_off + (size_t)warp * nst * su4;
+  // issue cursor: group itg, step ist, and that group's code / coefficient sources
+  int itg = u0 / S, ist = u0 - itg * S;
+  const uint4* wsrc[R];
+  const float4* csrc;
+  int rmax;
+  auto aim = [&]() {
+#pragma unroll
+    for (int r = 0; r < R; ++r) wsrc[r] = a.tiles + (size_t)min(itg * R + r, a.ntiles - 1) * S * BITS * 32 + lane;
+    csrc = a.coef + (size_t)itg * R * a.Lp * 8;
+    rmax = a.ntiles - 1 - itg * R;
+  };
+  aim();
+  auto issue_next = [&](uint4* d) {
+    issue_step<BITS, R, GS>(a, d, wsrc, csrc, rmax, ist, lane);
+    if (++ist == S) { ist = 0; ++itg; aim(); }
+  };
+  pdl_trigger();
+  for (int i = 0; i < nst - 1; ++i) {
+    if (u0 + i < u1) issue_next(ring + i * su4);
+    cp_commit();
+  }
+  pdl_wait();
+
+  T* sx = reinterpret_cast<T*>(dyn_smem);
+  const int ldx = sx_ld(a.K);
+  __shared__ float rss_sx[8][8];
+  if (SX) stage_x<T, NORM>(a, sx, ldx, rss_sx, lane, warp);
+  uint4* const ring_end = ring + nst * su4;
+  uint4* slot = ring;
+  uint4* fill = ring + (nst - 1) * su4;
+  const int tg0 = u0 / S, tg1 = u1 > u0 ? (u1 - 1) / S : tg0 - 1;  // this warp's first and last group
+  for (int tg = tg0; tg <= tg1; ++tg) {
+    const int sa = tg == tg0 ? u0 - tg0 * S : 0, sb = tg == tg1 ? u1 - tg1 * S : S;  // steps [sa, sb)
+    for (int st = sa; st < sb; ++st) {
+      __syncwarp();
+      if (itg * S + ist < u1) issue_next(fill);
+      cp_commit();
+      cp_wait_pending(nst - 1);
+      __syncwarp();
+      fill = slot;
+      if (slot + su4 == ring_end) slot = ring;
+      else slot += su4;
+      step_mma<T, BITS, NT, SX, R, GS>(a, fill, st, st + 1 == sb, sx, ldx, lane, acc, tmp, xsum);
+    }
+    const int wf = owner(tg * S), wl = owner(tg * S + S - 1);
+    bool finish = true;
+    if (wl > wf) {  // split group: park the partial sums, the last warp to arrive adds them up
+      float* mine = part + (size_t)(2 * gw + (tg == tg0 ? 0 : 1)) * NV * 32 + lane;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) mine[((r * NT + n) * 4 + e) * 32] = acc[r][n][e];
         }
       }
-      if (bias != nullptr) {
-        if (row0 < N) { y[0] += bias[row0]; y[1] += bias[row0]; }
-        if (row0 + 8 < N) { y[2] += bias[row0 + 8]; y[3] += bias[row0 + 8]; }
-      }
+      __threadfence();
+      __syncwarp();
+      int old = 0;
+      if (lane == 0) old = atomicAdd(count + tg, 1);
+      old = __shfl_sync(0xffffffffu, old, 0);
+      finish = old == wl - wf;
+      if (finish) {
+        __threadfence();
+        zero_acc(acc);
+        for (int w = wf; w <= wl; ++w) {
+          const float* src = part + (size_t)(2 * w + (first_group(w) == tg ? 0 : 1)) * NV * 32 + lane;
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = 8 * n + 2 * t + c;
-        if (col >= M) continue;
-        if (epi == GLU) {  // rows g (gate) and g + 8 (up) of this tile are gate/up of output 8*tile+g
-          const int j = tile * 8 + g;
-          if (j < N / 2) {
-            const float gt = y[c], up = y[2 + c];
-            reinterpret_cast<T*>(outv)[col * stride_om + j] = Num<T>::from(gt / (1.f + __expf(-gt)) * up);
+          for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[r][n][e] += __ldcg(src + ((r * NT + n) * 4 + e) * 32);
+            }
           }
-          continue;
         }
+        if (lane == 0) count[tg] = 0;
+      }
+    }
+    if (finish) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row0 + 8 * h;
-          if (row >= N) continue;
-          if (epi == ACCUM) reinterpret_cast<float*>(outv)[col * stride_om + row] += y[2 * h + c];
-          else reinterpret_cast<T*>(outv)[col * stride_om + row] = Num<T>::from(y[2 * h + c]);
+      for (int r = 0; r < R; ++r) {
+        const int tile = tg * R + r;
+        if (tile >= a.ntiles) break;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          float y[4] = {acc[r][n][0], acc[r][n][1], acc[r][n][2], acc[r][n][3]};
+          if (NORM) scale_rms(a, y, rss_sx, nwarps, n, lane);
+          store_tile<T>(a, y, tile, n, lane);
         }
       }
     }
+    zero_acc(acc);
   }
+  cp_wait_pending(0);
 }
 
 // out[N, K] (T = half / bf16 / float) = W, exact in fp32 before the cast: w = s * q + (-s z).
@@ -521,7 +709,7 @@ int smem_optin(const void* kern) {
 #endif
 
 // kern<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when pdl is set
-// (gemv_kernel's pdl_trigger / pdl_wait).
+// (the kernels' pdl_trigger / pdl_wait).
 template <typename... Params, typename... Args>
 void launch(void (*kern)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl, Args... args) {
   cudaLaunchConfig_t cfg = {};
@@ -537,50 +725,126 @@ void launch(void (*kern)(Params...), dim3 grid, dim3 block, int smem, cudaStream
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, static_cast<Params>(args)...));
 }
 
+// The stream kernel's scratch on one device: partial sums (fp32, 2 slots per warp) and per-group
+// counters (zero between launches: the kernel resets what it counts). Shared by every launch on the
+// device, which must then run one at a time (one stream; a dependent launch waits in pdl_wait before
+// it touches them). Grown, never shrunk; growing inside a CUDA graph capture would tie the buffers
+// to that graph, so a capture must be preceded by an eager call.
+struct StreamScratch {
+  torch::Tensor part, count;
+};
+StreamScratch& stream_scratch(const torch::Device& dev, int64_t part_floats, int64_t groups) {
+  static std::unordered_map<int, StreamScratch> by_dev;
+  StreamScratch& s = by_dev[dev.index()];
+  const bool grow = !s.part.defined() || s.part.numel() < part_floats || s.count.numel() < groups;
+  if (grow) {
+    cudaStreamCaptureStatus status;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &status));
+    TORCH_CHECK(status == cudaStreamCaptureStatusNone,
+                "gemv's stream-K scratch must grow during a CUDA graph capture: run the same gemv once before "
+                "capturing");
+    s.part = torch::empty({std::max<int64_t>(part_floats, s.part.defined() ? s.part.numel() : 0)},
+                          torch::dtype(torch::kFloat32).device(dev));
+    s.count = torch::zeros({std::max<int64_t>(groups, s.count.defined() ? s.count.numel() : 0)},
+                           torch::dtype(torch::kInt32).device(dev));
+  }
+  return s;
+}
+
 template <typename T>
 void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
                  const torch::Tensor& bias, torch::Tensor& out, int M, int N, int K, int log2_spg, int epi, double eps,
-                 int warps, int stages, bool pdl) {
+                 int warps, int stages, bool pdl, int bps) {
   constexpr int BITS = QLB_TU_BITS;
   const int T_ = tiles.size(0), S = tiles.size(1), Lp = coef.size(1);
   const bool norm = nw.numel() > 0;
-  const float* bp = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
-  const float* np = norm ? nw.data_ptr<float>() : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int nst = std::max(1, std::min(stages, (S + warps - 1) / warps));
   const int ng = log2_spg >= 3 ? 1 : 8 >> log2_spg;  // groups per step
-  const int x_bytes = (M * (K + 32) * (int)sizeof(T) + 15) / 16 * 16;
+  const int x_bytes = (M * qlb::sx_ld(K) * (int)sizeof(T) + 15) / 16 * 16;
   const bool sx = M <= SX_MAX_ROWS && K % 8 == 0 && x_bytes <= SX_MAX_BYTES;
   const int nt = sx || M <= 8 ? 1 : (M <= 16 ? 2 : 4);
   const int r_want = sx ? QLB_R_SX : (M <= 8 ? QLB_R_M8 : (M <= 16 ? QLB_R_M16 : QLB_R_M32));
   const int r = T_ >= r_want * QLB_MIN_BLOCKS ? r_want : 1;
-  dim3 grid((T_ + r - 1) / r), block(32 * warps);
-  // dynamic shared memory: the staged activations (SX: M rows of K + 32 elements, up to
+  TORCH_CHECK(!norm || sx, "the fused RMSNorm needs x staged in shared memory (M <= ", SX_MAX_ROWS, ")");
+  const bool streamk = bps > 0 && sx;
+  const int groups = (T_ + r - 1) / r;
+  const long long units = (long long)groups * S;
+  qlb::GemvArgs a;
+  a.xv = x.data_ptr();
+  a.nw = norm ? nw.data_ptr<float>() : nullptr;
+  a.tiles = reinterpret_cast<const uint4*>(tiles.data_ptr());
+  a.coef = reinterpret_cast<const float4*>(coef.data_ptr());
+  a.bias = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
+  a.outv = out.data_ptr();
+  a.M = M; a.N = N; a.K = K; a.S = S; a.Lp = Lp; a.log2_spg = log2_spg;
+  a.stride_xm = x.stride(0); a.stride_om = out.stride(0);
+  a.epi = epi; a.eps = (float)eps; a.ntiles = T_;
+  a.ring_off = sx ? x_bytes / 16 : 0;
+  a.nst = std::max(1, std::min(stages, (S + warps - 1) / warps));
+  // dynamic shared memory: the staged activations (SX: M rows of sx_ld(K) elements, up to
   // SX_MAX_BYTES), then each warp's ring of nst slots; the rings' memory then holds the block
   // reduction, fp32 [warps][R * NT * 4][32] (more than a shallow ring of small slots can hold)
   const int slot_bytes = r * (BITS * 32 + ng * 8) * 16;
-  const int smem = (sx ? x_bytes : 0) + warps * std::max(nst * slot_bytes, r * nt * 4 * 32 * 4);
-#define QLB_GEMV(NT, NORM, SX, R)                                                                                   \
+  int smem = (sx ? x_bytes : 0) + warps * std::max(a.nst * slot_bytes, r * nt * 4 * 32 * 4);
+  if (streamk) {
+    a.nst = std::max(1, stages);
+    smem = (sx ? x_bytes : 0) + warps * a.nst * slot_bytes;
+  }
+  const dim3 block(32 * warps);
+#define QLB_GEMV(NT, NORM, SX, R, GS)                                                                               \
   do {                                                                                                              \
-    auto kern = qlb::gemv_kernel<T, BITS, NT, NORM, SX, R>;                                                         \
+    if constexpr (SX) {                                                                                             \
+      if (streamk) {                                                                                                \
+        auto skern = qlb::gemv_stream_kernel<T, BITS, NT, NORM, SX, R, GS>;                                         \
+        const int dyn_max = smem_optin(reinterpret_cast<const void*>(skern));                                       \
+        TORCH_CHECK(smem <= dyn_max, "gemv needs ", smem, " bytes of shared memory, the device allows ", dyn_max,   \
+                    "; use fewer warps or stages");                                                                 \
+        int occ = 0, dev = 0, sms = 0;                                                                              \
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, skern, block.x, smem));                  \
+        C10_CUDA_CHECK(cudaGetDevice(&dev));                                                                        \
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));                          \
+        long long nb = (long long)sms * std::min(bps, std::max(occ, 1));                                            \
+        nb = std::max(1LL, std::min(nb, units / warps));                                                            \
+        auto& scr = stream_scratch(x.device(), 2 * nb * warps * (R * NT * 4) * 32, groups);                         \
+        launch(skern, dim3((unsigned)nb), block, smem, stream, pdl, a, scr.part.data_ptr<float>(),                  \
+               scr.count.data_ptr<int>());                                                                          \
+        break;                                                                                                      \
+      }                                                                                                             \
+    }                                                                                                               \
+    auto kern = qlb::gemv_kernel<T, BITS, NT, NORM, SX, R, GS>;                                                     \
     const int dyn_max = smem_optin(reinterpret_cast<const void*>(kern));                                            \
     TORCH_CHECK(smem <= dyn_max, "gemv needs ", smem, " bytes of shared memory, the device allows ", dyn_max,       \
                 "; use fewer warps or stages");                                                                     \
-    launch(kern, grid, block, smem, stream, pdl, x.data_ptr(), np, reinterpret_cast<const uint4*>(tiles.data_ptr()), \
-           reinterpret_cast<const float4*>(coef.data_ptr()), bp, out.data_ptr(), M, N, K, S, Lp, log2_spg,         \
-           x.stride(0), out.stride(0), epi, (float)eps, nst, SX ? x_bytes / 16 : 0, T_);                           \
+    launch(kern, dim3(groups), block, smem, stream, pdl, a);                                                        \
   } while (0)
-  // each row-count class instantiates R = 1 and its own R (the same kernel when that is 1)
+  // groups of 128 (4 spans: the common case) compile the group epilogue for that size, with no test
+  // and branch per span (SASS, step loop at M = 1: 467 instructions against ~710 run); others read
+  // the group size at run time
+#define QLB_GEMV_G(NT, NORM, SX, R)                                                                                 \
+  do {                                                                                                              \
+    if (log2_spg == 2) QLB_GEMV(NT, NORM, SX, R, 2);                                                                \
+    else QLB_GEMV(NT, NORM, SX, R, -1);                                                                             \
+  } while (0)
+  // each row-count class instantiates R = 1 and its own R (the same kernel when that is 1); the norm
+  // is fused only where x is staged
 #define QLB_GEMV_R(NT, SX, RW)                                                                                      \
   do {                                                                                                              \
-    if (r == 1) { if (norm) QLB_GEMV(NT, true, SX, 1); else QLB_GEMV(NT, false, SX, 1); }                           \
-    else { if (norm) QLB_GEMV(NT, true, SX, RW); else QLB_GEMV(NT, false, SX, RW); }                                \
+    if constexpr (SX) {                                                                                             \
+      if (norm) {                                                                                                   \
+        if (r == 1) QLB_GEMV_G(NT, true, SX, 1);                                                                    \
+        else QLB_GEMV_G(NT, true, SX, RW);                                                                          \
+        break;                                                                                                      \
+      }                                                                                                             \
+    }                                                                                                               \
+    if (r == 1) QLB_GEMV_G(NT, false, SX, 1);                                                                       \
+    else QLB_GEMV_G(NT, false, SX, RW);                                                                             \
   } while (0)
   if (sx) QLB_GEMV_R(1, true, QLB_R_SX);
   else if (M <= 8) QLB_GEMV_R(1, false, QLB_R_M8);
   else if (M <= 16) QLB_GEMV_R(2, false, QLB_R_M16);
   else QLB_GEMV_R(4, false, QLB_R_M32);
 #undef QLB_GEMV_R
+#undef QLB_GEMV_G
 #undef QLB_GEMV
 }
 
@@ -597,10 +861,11 @@ void launch_dequant(const torch::Tensor& tiles, const torch::Tensor& coef, T* ou
 
 void QLB_CAT(gemv_b, QLB_TU_BITS)(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef,
                                   torch::Tensor bias, torch::Tensor out, int64_t n, int64_t k, int64_t log2_spg,
-                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16, bool pdl) {
+                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16, bool pdl,
+                                  int64_t bps) {
   const int M = x.size(0);
-  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl);
-  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl);
+  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl, bps);
+  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl, bps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -180,3 +180,47 @@ def test_prepared_module_on_cuda():
     y = model(x)
     assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 2e-3
     assert torch.equal(model(x.float()), lowbit_linear(x.float(), model[0].prepared))  # fp32: reference path
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bps, warps", [(1, 2), (3, 8)])
+def test_gemv_stream_k(bits, bps, warps):
+    """The stream-K grid (``blocks_per_sm`` > 0, staged rows) cuts the weight's (tile pair, step) units
+    into equal ranges, one per warp, so a pair's steps are split over warps of different blocks and the
+    last warp to arrive adds the parked partials in warp order. With 2 warps a block each warp takes ~3
+    units; with 8 the grid is capped at one unit per warp, so every pair is split over all its steps.
+    Store, accumulate and glu epilogues, bias, the fused norm, N ending mid-tile with an odd tile count,
+    K not a step multiple; repeats give the same bits, eagerly and as CUDA-graph replays (the counters
+    reset themselves)."""
+    from qalora.kernels import gpu_matmul
+
+    k = 1408
+    pw = random_prepared(16 * 257 - 8, k, bits, 64, seed=bits, bias=True)
+    glu = random_prepared(16 * 257, k, bits, 128, seed=bits + 1, glu=True)
+    small = random_prepared(200, k, bits, 32, seed=bits + 2)  # 13 tiles: one tile per pair
+    nw = torch.rand(k, device="cuda") + 0.5
+    kw = dict(blocks_per_sm=bps, warps=warps)
+    for m in (1, 2, 4):
+        assert gpu_matmul.stages_x(m, k)
+        h = torch.randn(m, k, device="cuda")
+        x = h.bfloat16()
+        for w in (pw, small):
+            y = gpu_matmul.gemv(x, w, **kw)
+            _check(y, reference(x, w), torch.bfloat16)
+            assert torch.equal(y, gpu_matmul.gemv(x, w, **kw))
+        out = torch.randn(m, pw.out_features, device="cuda")
+        o = out.clone()
+        gpu_matmul.gemv(x, pw, out=o, accumulate=True, **kw)
+        _check(o - out, reference(x, pw), torch.bfloat16)
+        xn = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+        y = gpu_matmul.gemv(h, glu, norm_weight=nw, dtype=torch.float16, **kw)
+        assert y.shape == (m, glu.out_features // 2)
+        _check(y, reference(xn, glu), torch.float16)
+        out = torch.empty_like(y)
+
+        def run():
+            return gpu_matmul.gemv(h, glu, out=out, norm_weight=nw, dtype=torch.float16, **kw)
+
+        run()
+        assert torch.equal(out, y)
+        assert_graph_replays(run, out, y)
