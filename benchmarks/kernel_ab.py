@@ -36,17 +36,14 @@ from qalora.lowbit import LowBitLinear  # noqa: E402
 
 
 def parse_variant(spec: str):
-    """NAME=SOURCE[:DEFINE,...] -> (name, (module, pdl, blocks per SM)). Pseudo-defines, not compiled:
-    ``PDL=0`` (plain launches) and ``BPS=n`` (the stream-K grid with n blocks per SM; the variant's
-    source must take the argument)."""
+    """NAME=SOURCE[:DEFINE,...] -> (name, (module, pdl))."""
     name, _, rest = spec.partition("=")
     src, _, defs = rest.partition(":")
     path = cuda_ext.SOURCE if src == "shipped" else Path(src)
     defines = [d for d in defs.split(",") if d]
     pdl = "PDL=0" not in defines
-    bps = next((int(d[4:]) for d in defines if d.startswith("BPS=")), None)
-    defines = tuple(d for d in defines if d != "PDL=0" and not d.startswith("BPS="))
-    return name, (cuda_ext.build(path.read_text(), defines), pdl, bps)
+    defines = tuple(d for d in defines if d != "PDL=0")
+    return name, (cuda_ext.build(path.read_text(), defines), pdl)
 
 
 def prepared(q, s, z, bits: int, group: int):
@@ -58,11 +55,10 @@ def prepared(q, s, z, bits: int, group: int):
 
 def call(variant, x, pw, out, epi: int, norm_weight, warps: int, stages: int) -> torch.Tensor:
     """``variant``'s gemv of x [M, K] into ``out`` (epilogue ``epi``, bf16 compute)."""
-    mod, pdl, bps = variant
+    mod, pdl = variant
     empty = _empty(x.device)  # no norm weight / no bias
-    args = (x, empty if norm_weight is None else norm_weight, pw.tiles, pw.coef, empty, out, pw.bits,
-            pw.out_features, pw.in_features, pw.log2_spg, epi, 1e-6, warps, stages, True, pdl)
-    mod.gemv(*args, *(() if bps is None else (bps,)))
+    mod.gemv(x, empty if norm_weight is None else norm_weight, pw.tiles, pw.coef, empty, out, pw.bits,
+             pw.out_features, pw.in_features, pw.log2_spg, epi, 1e-6, warps, stages, True, pdl)
     return out
 
 

@@ -41,8 +41,8 @@ CASES = [
     ("m32.int4", "__nv_bfloat16", 4, 4, "false", "false", 2),
 ]
 def group_log2(nt: int) -> int:
-    """The kernel's GS: the shipped launcher compiles groups of 128 (4 spans) in at every row count."""
-    return 2
+    """The kernel's GS at groups of 128: compiled in (4 spans) up to 16 rows, read at run time above."""
+    return 2 if nt < 4 else -1
 
 
 INSN = re.compile(r"^\s+/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
@@ -56,9 +56,9 @@ def tool(name: str, given: str | None) -> str:
     return path
 
 
-def compile_cases(src: Path, defines: list[str], nvcc: str, work: Path, kernel: str) -> tuple[Path, str]:
+def compile_cases(src: Path, defines: list[str], nvcc: str, work: Path) -> tuple[Path, str]:
     """One cubin holding every case's kernel (taking each one's address instantiates it)."""
-    ptrs = ", ".join(f"(const void*)&qlb::{kernel}<{t}, {b}, {nt}, {norm}, {sx}, {r}, {group_log2(nt)}>"
+    ptrs = ", ".join(f"(const void*)&qlb::gemv_kernel<{t}, {b}, {nt}, {norm}, {sx}, {r}, {group_log2(nt)}>"
                      for _, t, b, nt, norm, sx, r in CASES)
     tu = work / "cases.cu"
     tu.write_text(f'#include "{src.resolve()}"\nconst void* qlb_cases[] = {{{ptrs}}};\n')
@@ -110,12 +110,11 @@ def main() -> None:
     ap.add_argument("--define", action="append", default=[], help="NAME=VALUE, passed to nvcc as -D")
     ap.add_argument("--nvcc")
     ap.add_argument("--cuobjdump")
-    ap.add_argument("--kernel", default="gemv_kernel", choices=["gemv_kernel", "gemv_stream_kernel"])
     ap.add_argument("--json")
     args = ap.parse_args()
     nvcc, cuobjdump = tool("nvcc", args.nvcc), tool("cuobjdump", args.cuobjdump)
     with tempfile.TemporaryDirectory() as d:
-        cubin, log = compile_cases(args.source, args.define, nvcc, Path(d), args.kernel)
+        cubin, log = compile_cases(args.source, args.define, nvcc, Path(d))
         sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     ptxas = ptxas_report(log)
     funcs: dict[str, list[tuple[int, str]]] = {}
@@ -132,7 +131,7 @@ def main() -> None:
         # mangled template arguments, e.g. ...I13__nv_bfloat16Li4ELi1ELb1ELb1ELi2EE...
         gs = group_log2(nt)
         tag = f"Li{b}ELi{nt}ELb{int(norm == 'true')}ELb{int(sx == 'true')}ELi{r}ELi{gs if gs >= 0 else f'n{-gs}'}EE"
-        mangled = next(f for f in funcs if args.kernel in f and tag in f and ("bfloat16" in f) == (t == "__nv_bfloat16"))
+        mangled = next(f for f in funcs if tag in f and ("bfloat16" in f) == (t == "__nv_bfloat16"))
         loop = step_loop(funcs[mangled])
         ops = collections.Counter(opcode(x) for x in loop)
         rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "hmma": ops["HMMA"],

@@ -25,26 +25,23 @@ BINDING = """
 #include <torch/extension.h>
 #define QLB_DECL(B)                                                                                          \\
   void gemv_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,   \\
-                 int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool, int64_t);        \\
+                 int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool);                 \\
   void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);
 QLB_DECL(2) QLB_DECL(3) QLB_DECL(4)
 
 // x [M, K] (fp16/bf16, or fp32 with nw), tiles int32 [T, S, bits, 32, 4], coef fp32 [T, Lp, 8, 4],
 // out: [M, N] (epi 0, compute dtype), fp32 [M, N] (epi 1), [M, N/2] (epi 2); pdl: programmatic
-// dependent launch; bps > 0: the stream-K kernel with (up to) bps blocks per SM, 0: one block per R tiles
+// dependent launch
 void gemv(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef, torch::Tensor bias,
           torch::Tensor out, int64_t bits, int64_t n, int64_t k, int64_t log2_spg, int64_t epi, double eps,
-          int64_t warps, int64_t stages, bool bf16, bool pdl, int64_t bps) {
+          int64_t warps, int64_t stages, bool bf16, bool pdl) {
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 32, "gemv takes 1..32 rows");
   TORCH_CHECK(warps >= 1 && warps <= 8, "1..8 warps per block");
   TORCH_CHECK(stages >= 1 && stages <= 4, "1..4 pipeline stages");
-  TORCH_CHECK(bps >= 0 && bps <= 16, "0..16 blocks per SM");
-#define QLB_ARGS x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl, bps
-  if (bits == 4) gemv_b4(QLB_ARGS);
-  else if (bits == 3) gemv_b3(QLB_ARGS);
-  else if (bits == 2) gemv_b2(QLB_ARGS);
+  if (bits == 4) gemv_b4(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
+  else if (bits == 3) gemv_b3(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
+  else if (bits == 2) gemv_b2(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
-#undef QLB_ARGS
 }
 
 // out [N, K] (fp16 / bf16 / fp32) = the dequantized weight

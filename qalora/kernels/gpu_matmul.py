@@ -25,7 +25,6 @@ EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
 MANY_TILES = 768  # 16-row tiles from which blocks of 4 warps beat 8
 MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
 DEFAULT_STAGES = 2  # cp.async ring slots per warp: stages - 1 steps in flight while one is computed
-STREAM_BLOCKS_PER_SM = 0  # the stream-K grid's blocks per SM by default (0: one block per R tiles)
 
 _EMPTY: dict[torch.device, torch.Tensor] = {}
 
@@ -79,7 +78,6 @@ def gemv(
     warps: int | None = None,
     stages: int = DEFAULT_STAGES,
     pdl: bool = True,
-    blocks_per_sm: int | None = None,
 ) -> torch.Tensor:
     """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias).
 
@@ -96,9 +94,6 @@ def gemv(
       x or ``out``, so the result is the same bits either way. Measured on an H200 with 32 LLaMA-7B
       layers' GEMVs back to back: 2-3% less time per layer at M = 16 and 32, within +1-2.5% at M = 1
       and 8 (benchmarks/RESULTS.md, round 4).
-    - ``blocks_per_sm`` > 0: the stream-K kernel, a persistent grid of that many blocks per SM (at most
-      what fits) in which every warp streams an equal share of the weight; 0: one block per two
-      tiles. Only where x is staged (``stages_x``); default ``STREAM_BLOCKS_PER_SM``.
     """
     m, k = x.shape
     n = pw.out_features
@@ -134,8 +129,7 @@ def gemv(
         epi = EPI_GLU if pw.glu else EPI_STORE
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
-               warps or default_warps(pw), stages, dtype == torch.bfloat16, pdl,
-               STREAM_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm)
+               warps or default_warps(pw), stages, dtype == torch.bfloat16, pdl)
     return out
 
 

@@ -106,10 +106,22 @@ __device__ __forceinline__ uint32_t pair(const uint32_t* w, int P, uint32_t magi
          ((w[3 * j + 2] >> 13) & 0x00040004u) | magic;
 }
 
+// pair() for the GEMV's mma. At 2 bit an odd pair (the A register of rows g + 8) is read from the
+// shift of the even pair before it, masked one code higher: OFF + 4q, exact in fp16 and bf16. One
+// shift per two pairs instead of two (SASS, step loop at M = 1: ~60 fewer of ~450 instructions); the
+// group epilogue divides those rows' scale by ODD_ROWS.
+template <int BITS>
+__device__ __forceinline__ uint32_t pair_mma(const uint32_t* w, int P, uint32_t magic) {
+  if (BITS != 2) return pair<BITS>(w, P, magic);
+  const uint32_t v = w[P >> 3] >> (2 * (P & 6));
+  return (P & 1) ? and_or<0x000c000cu>(v, magic) : and_or<0x00030003u>(v, magic);
+}
+template <int BITS>
+constexpr float ODD_ROWS = BITS == 2 ? 4.f : 1.f;
+
 enum Epi { STORE = 0, ACCUM = 1, GLU = 2 };
 
-// The arguments of both skinny kernels (gemv_kernel, gemv_stream_kernel), in one struct that their
-// shared device functions take by reference.
+// The skinny kernel's arguments, in one struct that its device functions take by reference.
 struct GemvArgs {
   const void* xv;        // x [M, K]: T, or fp32 with a norm weight
   const float* nw;       // RMSNorm weight [K] or null
@@ -256,7 +268,7 @@ __device__ __forceinline__ void step_mma(const GemvArgs& a, const uint4* cur, in
       for (int f = 0; f < 2; ++f) {
         uint32_t av[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) av[i] = pair<BITS>(w, 8 * sp + 4 * f + i, Num<T>::magic);
+        for (int i = 0; i < 4; ++i) av[i] = pair_mma<BITS>(w, 8 * sp + 4 * f + i, Num<T>::magic);
 #pragma unroll
         for (int n = 0; n < NT; ++n) mma(tmp[r][n], av, b[n][2 * f], b[n][2 * f + 1], T());
       }
@@ -266,7 +278,8 @@ __device__ __forceinline__ void step_mma(const GemvArgs& a, const uint4* cur, in
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         // {s, -s z} of rows g and g + 8 (8 distinct addresses per warp: broadcast reads)
-        const float4 c = scoef[(r * ng + j) * 8 + g];
+        float4 c = scoef[(r * ng + j) * 8 + g];
+        if (ODD_ROWS<BITS> != 1.f) c.z *= 1.f / ODD_ROWS<BITS>;  // exact: a power of two
         // s (P' - OFF X) + (-s z) X = s P' + (-s z - OFF s) X: two FMA per output, not four
         const float z0 = fmaf(-OFF, c.x, c.y), z1 = fmaf(-OFF, c.z, c.w);
 #pragma unroll
@@ -462,136 +475,6 @@ __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R >
   }
 }
 
-// The same product, stream-K: the (R-tile group, step) units of the whole weight, in group-major
-// order, are cut into equal contiguous ranges, one per warp of the grid (a persistent grid sized
-// to the SMs, not one block per R tiles). Each warp's cp.async ring then runs across tile groups for
-// its whole range, and every warp streams the same number of bytes. A group whose steps are split
-// over several warps is finished by the last of them to arrive (an atomic counter per group, reset
-// by that warp for the next launch): each writes its partial sums to part [2 x warps][R*NT*4][32]
-// (its first and last group), and the finishing warp adds them in warp order, so the result is the
-// same bits on every run.
-template <typename T, int BITS, int NT, bool NORM, bool SX, int R, int GS>
-__global__ void __launch_bounds__(256, NT > 1 && R > 1 ? 1 : 2) gemv_stream_kernel(const GemvArgs a, float* __restrict__ part, int* __restrict__ count) {
-  constexpr int NV = R * NT * 4;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int S = a.S, nst = a.nst;
-  const int l2 = spg_log2<GS>(a), ng = l2 >= 3 ? 1 : 8 >> l2;
-  const long long NW = (long long)gridDim.x * nwarps, U = (long long)((a.ntiles + R - 1) / R) * S;
-  const int gw = blockIdx.x * nwarps + warp;
-  const int u0 = (int)(gw * U / NW), u1 = (int)((gw + 1) * U / NW);
-  // the warp whose range holds unit u, and the first group of warp w's range
-  auto owner = [&](int u) { return (int)(((long long)u * NW + NW - 1) / U); };
-  auto first_group = [&](int w) { return (int)(w * U / NW) / S; };
-
-  float acc[R][NT][4], tmp[R][NT][4], xsum[NT][4];
-  zero_acc(acc);
-  zero_acc(tmp);
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) xsum[n][e] = 0.f;
-  }
-
-  extern __shared__ uint4 dyn_smem[];
-  const int su4 = slot_u4<BITS, R>(ng);
-  uint4* ring = dyn_smem + a.ring_off + (size_t)warp * nst * su4;
-  // issue cursor: group itg, step ist, and that group's code / coefficient sources
-  int itg = u0 / S, ist = u0 - itg * S;
-  const uint4* wsrc[R];
-  const float4* csrc;
-  int rmax;
-  auto aim = [&]() {
-#pragma unroll
-    for (int r = 0; r < R; ++r) wsrc[r] = a.tiles + (size_t)min(itg * R + r, a.ntiles - 1) * S * BITS * 32 + lane;
-    csrc = a.coef + (size_t)itg * R * a.Lp * 8;
-    rmax = a.ntiles - 1 - itg * R;
-  };
-  aim();
-  auto issue_next = [&](uint4* d) {
-    issue_step<BITS, R, GS>(a, d, wsrc, csrc, rmax, ist, lane);
-    if (++ist == S) { ist = 0; ++itg; aim(); }
-  };
-  pdl_trigger();
-  for (int i = 0; i < nst - 1; ++i) {
-    if (u0 + i < u1) issue_next(ring + i * su4);
-    cp_commit();
-  }
-  pdl_wait();
-
-  T* sx = reinterpret_cast<T*>(dyn_smem);
-  const int ldx = sx_ld(a.K);
-  __shared__ float rss_sx[8][8];
-  if (SX) stage_x<T, NORM>(a, sx, ldx, rss_sx, lane, warp);
-  uint4* const ring_end = ring + nst * su4;
-  uint4* slot = ring;
-  uint4* fill = ring + (nst - 1) * su4;
-  const int tg0 = u0 / S, tg1 = u1 > u0 ? (u1 - 1) / S : tg0 - 1;  // this warp's first and last group
-  for (int tg = tg0; tg <= tg1; ++tg) {
-    const int sa = tg == tg0 ? u0 - tg0 * S : 0, sb = tg == tg1 ? u1 - tg1 * S : S;  // steps [sa, sb)
-    for (int st = sa; st < sb; ++st) {
-      __syncwarp();
-      if (itg * S + ist < u1) issue_next(fill);
-      cp_commit();
-      cp_wait_pending(nst - 1);
-      __syncwarp();
-      fill = slot;
-      if (slot + su4 == ring_end) slot = ring;
-      else slot += su4;
-      step_mma<T, BITS, NT, SX, R, GS>(a, fill, st, st + 1 == sb, sx, ldx, lane, acc, tmp, xsum);
-    }
-    const int wf = owner(tg * S), wl = owner(tg * S + S - 1);
-    bool finish = true;
-    if (wl > wf) {  // split group: park the partial sums, the last warp to arrive adds them up
-      float* mine = part + (size_t)(2 * gw + (tg == tg0 ? 0 : 1)) * NV * 32 + lane;
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) mine[((r * NT + n) * 4 + e) * 32] = acc[r][n][e];
-        }
-      }
-      __threadfence();
-      __syncwarp();
-      int old = 0;
-      if (lane == 0) old = atomicAdd(count + tg, 1);
-      old = __shfl_sync(0xffffffffu, old, 0);
-      finish = old == wl - wf;
-      if (finish) {
-        __threadfence();
-        zero_acc(acc);
-        for (int w = wf; w <= wl; ++w) {
-          const float* src = part + (size_t)(2 * w + (first_group(w) == tg ? 0 : 1)) * NV * 32 + lane;
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) acc[r][n][e] += __ldcg(src + ((r * NT + n) * 4 + e) * 32);
-            }
-          }
-        }
-        if (lane == 0) count[tg] = 0;
-      }
-    }
-    if (finish) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int tile = tg * R + r;
-        if (tile >= a.ntiles) break;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          float y[4] = {acc[r][n][0], acc[r][n][1], acc[r][n][2], acc[r][n][3]};
-          if (NORM) scale_rms(a, y, rss_sx, nwarps, n, lane);
-          store_tile<T>(a, y, tile, n, lane);
-        }
-      }
-    }
-    zero_acc(acc);
-  }
-  cp_wait_pending(0);
-}
-
 // out[N, K] (T = half / bf16 / float) = W, exact in fp32 before the cast: w = s * q + (-s z).
 // grid (#tiles, cdiv(S, 4)), block 128: warp w decodes step 4*blockIdx.y + w of its tile.
 template <typename T, int BITS>
@@ -709,7 +592,7 @@ int smem_optin(const void* kern) {
 #endif
 
 // kern<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when pdl is set
-// (the kernels' pdl_trigger / pdl_wait).
+// (gemv_kernel's pdl_trigger / pdl_wait).
 template <typename... Params, typename... Args>
 void launch(void (*kern)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl, Args... args) {
   cudaLaunchConfig_t cfg = {};
@@ -725,36 +608,10 @@ void launch(void (*kern)(Params...), dim3 grid, dim3 block, int smem, cudaStream
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, static_cast<Params>(args)...));
 }
 
-// The stream kernel's scratch on one device: partial sums (fp32, 2 slots per warp) and per-group
-// counters (zero between launches: the kernel resets what it counts). Shared by every launch on the
-// device, which must then run one at a time (one stream; a dependent launch waits in pdl_wait before
-// it touches them). Grown, never shrunk; growing inside a CUDA graph capture would tie the buffers
-// to that graph, so a capture must be preceded by an eager call.
-struct StreamScratch {
-  torch::Tensor part, count;
-};
-StreamScratch& stream_scratch(const torch::Device& dev, int64_t part_floats, int64_t groups) {
-  static std::unordered_map<int, StreamScratch> by_dev;
-  StreamScratch& s = by_dev[dev.index()];
-  const bool grow = !s.part.defined() || s.part.numel() < part_floats || s.count.numel() < groups;
-  if (grow) {
-    cudaStreamCaptureStatus status;
-    C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &status));
-    TORCH_CHECK(status == cudaStreamCaptureStatusNone,
-                "gemv's stream-K scratch must grow during a CUDA graph capture: run the same gemv once before "
-                "capturing");
-    s.part = torch::empty({std::max<int64_t>(part_floats, s.part.defined() ? s.part.numel() : 0)},
-                          torch::dtype(torch::kFloat32).device(dev));
-    s.count = torch::zeros({std::max<int64_t>(groups, s.count.defined() ? s.count.numel() : 0)},
-                           torch::dtype(torch::kInt32).device(dev));
-  }
-  return s;
-}
-
 template <typename T>
 void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
                  const torch::Tensor& bias, torch::Tensor& out, int M, int N, int K, int log2_spg, int epi, double eps,
-                 int warps, int stages, bool pdl, int bps) {
+                 int warps, int stages, bool pdl) {
   constexpr int BITS = QLB_TU_BITS;
   const int T_ = tiles.size(0), S = tiles.size(1), Lp = coef.size(1);
   const bool norm = nw.numel() > 0;
@@ -766,9 +623,7 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   const int r_want = sx ? QLB_R_SX : (M <= 8 ? QLB_R_M8 : (M <= 16 ? QLB_R_M16 : QLB_R_M32));
   const int r = T_ >= r_want * QLB_MIN_BLOCKS ? r_want : 1;
   TORCH_CHECK(!norm || sx, "the fused RMSNorm needs x staged in shared memory (M <= ", SX_MAX_ROWS, ")");
-  const bool streamk = bps > 0 && sx;
   const int groups = (T_ + r - 1) / r;
-  const long long units = (long long)groups * S;
   qlb::GemvArgs a;
   a.xv = x.data_ptr();
   a.nw = norm ? nw.data_ptr<float>() : nullptr;
@@ -785,45 +640,29 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   // SX_MAX_BYTES), then each warp's ring of nst slots; the rings' memory then holds the block
   // reduction, fp32 [warps][R * NT * 4][32] (more than a shallow ring of small slots can hold)
   const int slot_bytes = r * (BITS * 32 + ng * 8) * 16;
-  int smem = (sx ? x_bytes : 0) + warps * std::max(a.nst * slot_bytes, r * nt * 4 * 32 * 4);
-  if (streamk) {
-    a.nst = std::max(1, stages);
-    smem = (sx ? x_bytes : 0) + warps * a.nst * slot_bytes;
-  }
+  const int smem = (sx ? x_bytes : 0) + warps * std::max(a.nst * slot_bytes, r * nt * 4 * 32 * 4);
   const dim3 block(32 * warps);
 #define QLB_GEMV(NT, NORM, SX, R, GS)                                                                               \
   do {                                                                                                              \
-    if constexpr (SX) {                                                                                             \
-      if (streamk) {                                                                                                \
-        auto skern = qlb::gemv_stream_kernel<T, BITS, NT, NORM, SX, R, GS>;                                         \
-        const int dyn_max = smem_optin(reinterpret_cast<const void*>(skern));                                       \
-        TORCH_CHECK(smem <= dyn_max, "gemv needs ", smem, " bytes of shared memory, the device allows ", dyn_max,   \
-                    "; use fewer warps or stages");                                                                 \
-        int occ = 0, dev = 0, sms = 0;                                                                              \
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, skern, block.x, smem));                  \
-        C10_CUDA_CHECK(cudaGetDevice(&dev));                                                                        \
-        C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));                          \
-        long long nb = (long long)sms * std::min(bps, std::max(occ, 1));                                            \
-        nb = std::max(1LL, std::min(nb, units / warps));                                                            \
-        auto& scr = stream_scratch(x.device(), 2 * nb * warps * (R * NT * 4) * 32, groups);                         \
-        launch(skern, dim3((unsigned)nb), block, smem, stream, pdl, a, scr.part.data_ptr<float>(),                  \
-               scr.count.data_ptr<int>());                                                                          \
-        break;                                                                                                      \
-      }                                                                                                             \
-    }                                                                                                               \
     auto kern = qlb::gemv_kernel<T, BITS, NT, NORM, SX, R, GS>;                                                     \
     const int dyn_max = smem_optin(reinterpret_cast<const void*>(kern));                                            \
     TORCH_CHECK(smem <= dyn_max, "gemv needs ", smem, " bytes of shared memory, the device allows ", dyn_max,       \
                 "; use fewer warps or stages");                                                                     \
     launch(kern, dim3(groups), block, smem, stream, pdl, a);                                                        \
   } while (0)
-  // groups of 128 (4 spans: the common case) compile the group epilogue for that size, with no test
-  // and branch per span (SASS, step loop at M = 1: 467 instructions against ~710 run); others read
-  // the group size at run time
+  // Up to 16 rows, groups of 128 (4 spans: the common case) compile the group epilogue for that size,
+  // with no test and branch per span (SASS, step loop at M = 1: 467 instructions against ~710 run;
+  // H200: 15-25% less time at M = 1..16, benchmarks/RESULTS.md round 6). At 32 rows it measured
+  // slower (qkv 44.1 against 41.5 us), so there and at other group sizes the size is read at run time.
 #define QLB_GEMV_G(NT, NORM, SX, R)                                                                                 \
   do {                                                                                                              \
-    if (log2_spg == 2) QLB_GEMV(NT, NORM, SX, R, 2);                                                                \
-    else QLB_GEMV(NT, NORM, SX, R, -1);                                                                             \
+    if constexpr (NT < 4) {                                                                                         \
+      if (log2_spg == 2) {                                                                                          \
+        QLB_GEMV(NT, NORM, SX, R, 2);                                                                               \
+        break;                                                                                                      \
+      }                                                                                                             \
+    }                                                                                                               \
+    QLB_GEMV(NT, NORM, SX, R, -1);                                                                                  \
   } while (0)
   // each row-count class instantiates R = 1 and its own R (the same kernel when that is 1); the norm
   // is fused only where x is staged
@@ -861,11 +700,10 @@ void launch_dequant(const torch::Tensor& tiles, const torch::Tensor& coef, T* ou
 
 void QLB_CAT(gemv_b, QLB_TU_BITS)(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef,
                                   torch::Tensor bias, torch::Tensor out, int64_t n, int64_t k, int64_t log2_spg,
-                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16, bool pdl,
-                                  int64_t bps) {
+                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16, bool pdl) {
   const int M = x.size(0);
-  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl, bps);
-  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl, bps);
+  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl);
+  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
