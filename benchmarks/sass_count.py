@@ -5,8 +5,9 @@ instructions in its step loop are a first, free measure of a change before any G
 For each case (dtype, bits, n8 fragments NT, fused norm, staged x, tiles per block R) this compiles
 the kernel for sm_90a, disassembles it and reports registers, spills, and the instructions of its
 main loop (the innermost backward branch around all the ``HMMA``), with the most frequent opcodes.
-Static counts: the group epilogue is compiled into every span but runs once per group (twice per
-step at group 128), so it is counted 8 times here.
+The cases are at group 128, which the launcher compiles in up to 16 rows: there the loop is straight
+code, its static count what one step runs. At 32 rows (group size read at run time) the group
+epilogue is compiled into every span but runs twice per step, so it is counted 8 times.
 
     python benchmarks/sass_count.py                       # the shipped kernel
     python benchmarks/sass_count.py --source old.cu --define QLB_R_SX=1 --json out.json
