@@ -571,12 +571,15 @@ int smem_optin(const void* kern) {
 }
 
 // Tiles per block (the kernel's R) by row count: the activation fragments (and group sums) a warp
-// loads serve R tiles. R = 2 at every M measured best on an H200 (benchmarks/RESULTS.md, round 3:
-// against R = 1, qkv 4 bit M = 16 22.9 against 34.3 us, M = 1 16.4 against 17.6; R = 4 lost at
-// M >= 8 on three of four shapes). A weight of fewer than R * QLB_MIN_BLOCKS tiles keeps R = 1,
-// too few blocks to fill the SMs. Defines, so that benchmarks/kernel_ab.py can A/B them.
+// loads serve R tiles. R = 2 measured best on an H200 at M >= 8 (benchmarks/RESULTS.md, round 3:
+// against R = 1, qkv 4 bit M = 16 22.9 against 34.3 us; R = 4 lost at M >= 8 on three of four
+// shapes). For staged rows (SX) round 6's shorter step loop turned it at 4 bit: with R = 1 twice the
+// warps stream the weight, every shape ran 4-11% faster at M = 1 (qkv 10.7 against 11.7 us), 32
+// layers' GEMVs 53.5 against 58.6 us a layer, decode 493.8 against 457.6 tok/s; at 2 bit R = 2 stays
+// ahead on qkv and gate_up (7.8 against 9.0 us). A weight of fewer than R * QLB_MIN_BLOCKS tiles keeps
+// R = 1, too few blocks to fill the SMs. Defines, so that benchmarks/kernel_ab.py can A/B them.
 #ifndef QLB_R_SX
-#define QLB_R_SX 2
+#define QLB_R_SX (QLB_TU_BITS == 4 ? 1 : 2)
 #endif
 #ifndef QLB_R_M8
 #define QLB_R_M8 2
