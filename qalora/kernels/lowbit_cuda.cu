@@ -144,7 +144,7 @@ struct GemvArgs {
 template <int GS>
 __device__ __forceinline__ int spg_log2(const GemvArgs& a) { return GS >= 0 ? GS : a.log2_spg; }
 
-// Bytes of the ring slot of one step: the codes of R tiles, then their ng groups' coefficients.
+// uint4s of one step's ring slot: the codes of R tiles, then their ng groups' coefficients.
 template <int BITS, int R>
 __device__ __forceinline__ int slot_u4(int ng) { return R * (BITS * 32 + ng * 8); }
 
@@ -181,9 +181,8 @@ __device__ __forceinline__ void stage_x(const GemvArgs& a, T* sx, int ldx, float
   float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
   for (int idx = threadIdx.x; idx < a.M * chunks; idx += blockDim.x) {
     const int r = idx / chunks, k = (idx - r * chunks) << 3;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (k >= a.K) {
-    } else if (NORM) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);  // past K: zeros
+    if (k < a.K && NORM) {
       const float* xr = reinterpret_cast<const float*>(a.xv) + r * a.stride_xm + k;
       const float4 x0 = __ldg(reinterpret_cast<const float4*>(xr)), x1 = __ldg(reinterpret_cast<const float4*>(xr + 4));
       const float4 n0 = __ldg(reinterpret_cast<const float4*>(a.nw + k)), n1 = __ldg(reinterpret_cast<const float4*>(a.nw + k + 4));
@@ -195,7 +194,7 @@ __device__ __forceinline__ void stage_x(const GemvArgs& a, T* sx, int ldx, float
       v.y = Num<T>::pack(x0.z * n0.z, x0.w * n0.w);
       v.z = Num<T>::pack(x1.x * n1.x, x1.y * n1.y);
       v.w = Num<T>::pack(x1.z * n1.z, x1.w * n1.w);
-    } else {
+    } else if (k < a.K) {
       v = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(a.xv) + r * a.stride_xm + k));
     }
     *reinterpret_cast<uint4*>(sx + r * ldx + k) = v;
@@ -235,13 +234,13 @@ __device__ __forceinline__ void step_mma(const GemvArgs& a, const uint4* cur, in
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       const int row = 8 * n + g;
-      const bool ok = row < a.M && k < a.K;
       if (SX) {
         // rows past M read row M - 1: the mma keeps x rows apart and their outputs are never stored;
         // columns past K are staged zeros
         const uint4 v = *reinterpret_cast<const uint4*>(sx + min(row, a.M - 1) * ldx + k);
         b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
       } else {
+        const bool ok = row < a.M && k < a.K;
         const T* xr = reinterpret_cast<const T*>(a.xv) + (ok ? row * a.stride_xm + k : 0);
         uint4 v = __ldg(reinterpret_cast<const uint4*>(xr));
         if (!ok) v = make_uint4(0u, 0u, 0u, 0u);
@@ -379,7 +378,8 @@ __device__ __forceinline__ void zero_acc(float (&acc)[R][NT][4]) {
 //   most of a warp-step's instructions (Nsight Compute, qkv 4 bit: issue-bound at 21% of DRAM
 //   bandwidth, 0.44 instructions per cycle per scheduler with 3.4 warps resident).
 // Blocks per SM: with R = 1 above NT = 1 two (128 registers); left free, ptxas took 212 at NT = 4 and one
-// block per SM lost 1.4x (benchmarks/RESULTS.md, round 3). R = 2 at NT = 4 needs ~254.
+// block per SM lost 1.4x (benchmarks/RESULTS.md, round 3). R = 2 at NT = 4 needs ~254. SX: three (80
+// registers; at 64 round 6's straight-line step loop spilled), two at 3 bit (its 12 code words).
 template <typename T, int BITS, int NT, bool NORM, bool SX, int R, int GS>
 __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R > 1 ? 1 : 2)) gemv_kernel(const GemvArgs a) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
