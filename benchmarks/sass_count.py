@@ -42,6 +42,8 @@ CASES = [
     ("m8.int4", "__nv_bfloat16", 4, 1, "false", "false", 2),
     ("m32.int4", "__nv_bfloat16", 4, 4, "false", "false", 2),
 ]
+
+
 def group_log2(nt: int) -> int:
     """The kernel's GS at groups of 128: compiled in (4 spans) up to 16 rows, read at run time above."""
     return 2 if nt < 4 else -1
