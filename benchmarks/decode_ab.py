@@ -4,7 +4,7 @@
 
 The low-bit decoder with the decode attention's context splits on (auto) with and without its dependent
 launch and off (one program per head, rounds 1-4), then prefill with dequantize + cuBLAS and with the
-fused dequant-GEMM (``PREFILL``); bf16 cuBLAS (``dense_cublas``) with the same attention variants and
+wgmma dequant-GEMM (``PREFILL``); bf16 cuBLAS (``dense_cublas``) with the same attention variants and
 cuBLAS prefill.
 The same harness as ``qalora bench`` (``time_decode``/``time_prefill``: CUDA-graph replays, context 128,
 64 steps, median of ``--reps``).
@@ -26,7 +26,7 @@ from qalora.bench import copy_bandwidth, time_decode, time_prefill  # noqa: E402
 from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
 
 ATTN = {"split+pdl": (None, True), "split": (None, False), "one program per head": (1, False)}
-PREFILL = ("dequant", "fused")  # the low-bit decoder's large-M paths (gpu_matmul.large_m_path)
+PREFILL = ("dequant", "wgmma")  # the low-bit decoder's large-M paths (gpu_matmul.large_m_path)
 
 
 def run(hn: StaticDecoder, batches: list[int], prefills: list[int], prefill_paths: tuple[str, ...], reps: int,

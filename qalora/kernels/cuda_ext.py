@@ -1,7 +1,7 @@
-"""Builds and loads the CUDA kernels (``lowbit_cuda.cu``) on first use; importing this module
-compiles nothing.
+"""Builds and loads the CUDA kernels (``lowbit_cuda.cu``: the skinny GEMV and the dequant kernel;
+``lowbit_gemm.cu``: the large-M wgmma GEMM, sm_90a) on first use; importing this module compiles nothing.
 
-The .cu file is compiled as three translation units, one per bit width (``QLB_TU_BITS``), in
+The two .cu files are compiled as three translation units, one per bit width (``QLB_TU_BITS``), in
 parallel by ninja, plus a small C++ binding. torch caches the build (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``) under a name hashing the sources: an edited kernel is
 rebuilt, an unchanged one is loaded.
@@ -18,6 +18,7 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("lowbit_cuda.cu")
+GEMM_SOURCE = Path(__file__).with_name("lowbit_gemm.cu")
 BITS = (2, 3, 4)
 
 # gemv/dequant dispatch to the per-bit-width launchers of lowbit_cuda.cu
@@ -26,7 +27,9 @@ BINDING = """
 #define QLB_DECL(B)                                                                                          \\
   void gemv_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,   \\
                  int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool);                 \\
-  void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);
+  void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);                                   \\
+  void gemm_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,  \\
+                 bool, int64_t);
 QLB_DECL(2) QLB_DECL(3) QLB_DECL(4)
 
 // x [M, K] (fp16/bf16, or fp32 with nw), tiles int32 [T, S, bits, 32, 4], coef fp32 [T, Lp, 8, 4],
@@ -52,9 +55,24 @@ void dequant(torch::Tensor tiles, torch::Tensor coef, torch::Tensor out, int64_t
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
 }
 
+// xs: x in slab order [M, S * 256] (fp16 / bf16); out [M, N] ([M, N/2] with glu); cfg: block shape
+// (lowbit_gemm.cu's QLB_GEMM_CONFIGS). Hopper (sm_90a) only.
+void gemm(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef, torch::Tensor bias, torch::Tensor out,
+          int64_t bits, int64_t n, int64_t log2_spg, bool glu, int64_t cfg) {
+#if defined(QLB_NO_GEMM)
+  TORCH_CHECK(false, "the wgmma GEMM was not built (it needs a Hopper GPU, sm_90a)");
+#else
+  if (bits == 4) gemm_b4(xs, tiles, coef, bias, out, n, log2_spg, glu, cfg);
+  else if (bits == 3) gemm_b3(xs, tiles, coef, bias, out, n, log2_spg, glu, cfg);
+  else if (bits == 2) gemm_b2(xs, tiles, coef, bias, out, n, log2_spg, glu, cfg);
+  else TORCH_CHECK(false, "bits must be 2, 3 or 4");
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv);
   m.def("dequant", &dequant);
+  m.def("gemm", &gemm);
 }
 """
 
@@ -71,26 +89,32 @@ def cuda_kernels_available() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def ext() -> ModuleType:
-    """The compiled extension (functions ``gemv`` and ``dequant``, see BINDING)."""
+    """The compiled extension (functions ``gemv``, ``dequant`` and ``gemm``, see BINDING)."""
     return build(SOURCE.read_text())
 
 
 @functools.lru_cache(maxsize=None)
-def build(src: str, defines: tuple[str, ...] = ()) -> ModuleType:
-    """Compile ``src`` (a version of ``lowbit_cuda.cu``) with ``-D`` ``defines``: the shipped kernel
-    through :func:`ext`, earlier versions and variants side by side in one benchmark process."""
+def build(src: str, defines: tuple[str, ...] = (), gemm_src: str | None = None) -> ModuleType:
+    """Compile ``src`` (a version of ``lowbit_cuda.cu``) and ``gemm_src`` (of ``lowbit_gemm.cu``, default
+    the shipped one) with ``-D`` ``defines``: the shipped kernels through :func:`ext`, earlier versions
+    and variants side by side in one benchmark process. Off Hopper the GEMM is left out (it is sm_90a
+    code) and ``gemm`` raises."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    name = "qalora_lowbit_" + hashlib.sha256((src + BINDING + repr(defines)).encode()).hexdigest()[:12]
+    major, minor = torch.cuda.get_device_capability()
+    hopper = major == 9
+    gemm_src = GEMM_SOURCE.read_text() if gemm_src is None else gemm_src
+    key = src + gemm_src + BINDING + repr(defines) + repr(hopper)
+    name = "qalora_lowbit_" + hashlib.sha256(key.encode()).hexdigest()[:12]
     build_dir = Path(_get_build_directory(name, verbose=False))
-    texts = {"binding.cpp": BINDING, "lowbit_cuda.cuh": src,
-             **{f"lowbit_b{b}.cu": f'#define QLB_TU_BITS {b}\n#include "lowbit_cuda.cuh"\n' for b in BITS}}
+    tu = '#define QLB_TU_BITS {}\n#include "lowbit_cuda.cuh"\n' + ('#include "lowbit_gemm.cuh"\n' if hopper else "")
+    texts = {"binding.cpp": ("" if hopper else "#define QLB_NO_GEMM\n") + BINDING, "lowbit_cuda.cuh": src,
+             "lowbit_gemm.cuh": gemm_src, **{f"lowbit_b{b}.cu": tu.format(b) for b in BITS}}
     for fname, text in texts.items():  # rewritten only when changed: a newer file makes ninja rebuild
         f = build_dir / fname
         if not f.is_file() or f.read_text() != text:
             f.write_text(text)
-    files = [build_dir / f for f in texts if f != "lowbit_cuda.cuh"]
-    major, minor = torch.cuda.get_device_capability()
+    files = [build_dir / f for f in texts if not f.endswith(".cuh")]
     arch = f"{major}{minor}" + ("a" if major == 9 else "")  # sm_90a on Hopper
     os.environ.setdefault("MAX_JOBS", str(len(files)))
     return load(name=name, sources=[str(f) for f in files], build_directory=str(build_dir),

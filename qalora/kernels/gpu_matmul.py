@@ -157,30 +157,95 @@ def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
     return glu_act(y) if pw.glu else y
 
 
-LARGE_M_AUTO = "dequant"  # H200, LLaMA-7B shapes: the fused GEMM ran 1.4-2.4x slower at M = 256-2048 (RESULTS round 5)
+# lowbit_gemm.cu's block shapes by index: (x rows BN, warpgroups WG (64 weight rows each), slabs of 16
+# columns per k-block KBS, shared-memory ring slots NS)
+GEMM_CONFIGS = {0: (128, 2, 8, 4), 1: (256, 2, 4, 4), 2: (128, 2, 4, 4), 3: (64, 2, 8, 4), 4: (128, 1, 4, 4)}
 
 
-def large_m_path(pw: PreparedWeight, prefer: str = "auto") -> str:
-    """The large-M path: ``dequant`` (dequantize with one kernel, then cuBLAS) or ``fused`` (the Triton
-    dequant-GEMM, :mod:`qalora.kernels.lowbit_gemm_triton`: 2/4-bit, groups of whole chunks, needs triton).
-    ``auto`` is ``LARGE_M_AUTO`` (the measured faster) where the layout allows it."""
-    if prefer not in ("auto", "fused", "dequant"):
-        raise ValueError(f"large-M path must be auto, fused or dequant, not {prefer!r}")
-    want = LARGE_M_AUTO if prefer == "auto" else prefer
-    if want == "dequant":
-        return "dequant"
+def gemm_config(m: int, n: int) -> int:
+    """The block shape for x [m, K] against a weight of n rows: the fastest on an H200 on LLaMA-7B shapes
+    (benchmarks/gemm_ab.py, RESULTS round 7): 256 x rows from M = 1024 and for weights of over 16384 rows
+    (gate_up: 222 against 272 us at M = 512), else 128 from M = 384; below that 64 for weights of up to
+    4096 rows (o, down) and 256 for larger ones (qkv)."""
+    if m >= 1024 or (n > 16384 and m >= 256):
+        return 1
+    if m >= 384:
+        return 2
+    return 3 if n <= 4096 else 1
+
+
+def x_slab_order(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """x [M, K] (K % 32 == 0) -> [M, 256 steps], zero padded, each 32 columns reordered so that the wgmma
+    GEMM's k slots are contiguous (lowbit_gemm.cu): columns 8 t + 4 f + 2 h + j move to 16 f + 8 h + 2 t + j."""
+    m, k = x.shape
+    xs = x.new_empty(m, steps * 256) if k == steps * 256 else x.new_zeros(m, steps * 256)
+    xs[:, :k].view(m, k // 32, 2, 2, 4, 2).copy_(x.view(m, k // 32, 4, 2, 2, 2).permute(0, 1, 3, 4, 2, 5))
+    return xs
+
+
+def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 -> [M, N] (or silu(gate) * up [M, N/2]) through the wgmma dequant-GEMM
+    (Hopper only): one pass putting x in slab order, then the GEMM with block shape ``cfg``
+    (``GEMM_CONFIGS``; default :func:`gemm_config`)."""
+    if x.shape[1] != pw.in_features:
+        raise ValueError(f"x {tuple(x.shape)} does not match D_in={pw.in_features}")
+    if pw.tiles is None:
+        raise ValueError(f"no kernel layout for bits={pw.bits}, group_size={pw.group_size}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be fp16 or bf16, not {x.dtype}")
+    m = x.shape[0]
+    out = torch.empty(m, pw.out_features // 2 if pw.glu else pw.out_features, device=x.device, dtype=x.dtype)
+    xs = x_slab_order(x, pw.tiles.shape[1])
+    bias = pw.bias if pw.bias is not None else _empty(x.device)
+    cfg = gemm_config(m, pw.out_features) if cfg is None else cfg
+    ext().gemm(xs, pw.tiles, pw.coef, bias, out, pw.bits, pw.out_features, pw.log2_spg, pw.glu, cfg)
+    return out
+
+
+# The large-M path ``auto`` takes (H200, LLaMA-7B shapes, benchmarks/gemm_ab.py, RESULTS round 7): dequantize +
+# cuBLAS, except for GLU weights, where the wgmma GEMM (silu(gate) * up in its epilogue) took 0.78-0.96x
+# the time of dequantize + cuBLAS + the activation (gate_up, M = 256-2048); on qkv, o and down it is
+# 1.3-1.8x slower.
+LARGE_M_AUTO = "dequant"
+GLU_AUTO = "wgmma"
+
+
+def wgmma_available(device: torch.device) -> bool:
+    """The wgmma GEMM runs on Hopper GPUs (sm_90a code)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _path_fits(pw: PreparedWeight, path: str) -> tuple[bool, str]:
+    """Whether ``path`` can take ``pw`` here, and what it needs."""
+    if path == "dequant":
+        return True, ""
+    if path == "wgmma":
+        return pw.tiles is not None and wgmma_available(pw.tiles.device), "a Hopper GPU (sm_90) and a kernel layout"
     try:
         from qalora.kernels.lowbit_gemm_triton import gemm_fits
     except ImportError:
         fits = False
     else:
         fits = gemm_fits(pw.bits, pw.group_size)
-    if fits:
-        return "fused"
+    return fits, "2/4-bit weights with groups of whole chunks (and triton)"
+
+
+def large_m_path(pw: PreparedWeight, prefer: str = "auto") -> str:
+    """The large-M path: ``dequant`` (dequantize with one kernel, then cuBLAS), ``wgmma`` (the CUDA
+    dequant-GEMM, :func:`wgmma_gemm`: Hopper, any kernel layout) or ``fused`` (the Triton dequant-GEMM,
+    :mod:`qalora.kernels.lowbit_gemm_triton`: 2/4-bit, groups of whole chunks, needs triton).
+    ``auto``: ``GLU_AUTO`` for GLU weights, else ``LARGE_M_AUTO`` (the measured fastest), where the weight
+    and device allow it, else ``dequant``."""
+    if prefer not in ("auto", "fused", "dequant", "wgmma"):
+        raise ValueError(f"large-M path must be auto, wgmma, fused or dequant, not {prefer!r}")
     if prefer == "auto":
-        return "dequant"
-    raise ValueError(f"the fused GEMM takes 2/4-bit weights with groups of whole chunks (and triton), "
-                     f"not bits={pw.bits}, group_size={pw.group_size}")
+        wants = (GLU_AUTO, LARGE_M_AUTO) if pw.glu else (LARGE_M_AUTO,)
+        return next((w for w in wants if _path_fits(pw, w)[0]), "dequant")
+    fits, why = _path_fits(pw, prefer)
+    if fits:
+        return prefer
+    raise ValueError(f"the {prefer} GEMM takes {why}, not bits={pw.bits}, group_size={pw.group_size} on "
+                     f"{None if pw.tiles is None else pw.tiles.device}")
 
 
 def fused_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
@@ -195,12 +260,15 @@ def fused_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, pw: PreparedWeight, large_m: str = "auto") -> torch.Tensor:
     """x [..., K] -> [..., N] (or [..., N/2] for glu): the skinny kernel up to SKINNY_MAX_M rows, else
-    the fused dequant-GEMM or dequant + cuBLAS (:func:`large_m_path`)."""
+    the large-M path :func:`large_m_path` picks."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] <= SKINNY_MAX_M:
+    path = "skinny" if x2.shape[0] <= SKINNY_MAX_M else large_m_path(pw, large_m)
+    if path == "skinny":
         y = gemv(x2, pw)
-    elif large_m_path(pw, large_m) == "fused":
+    elif path == "wgmma":
+        y = wgmma_gemm(x2, pw)
+    elif path == "fused":
         y = fused_matmul(x2, pw)
     else:
         y = dequant_matmul(x2, pw)

@@ -108,3 +108,33 @@ def test_kernels_import_without_triton_side_effects():
     import qalora.kernels  # noqa: F401
 
     assert "qalora.kernels.gpu_matmul" not in sys.modules or torch.cuda.is_available()
+
+
+def test_x_slab_order_moves_each_column_where_the_wgmma_gemm_reads_it():
+    """Column 32 sp + 8 t + 4 f + 2 h + j of x lands at 32 sp + 16 f + 8 h + 2 t + j (the wgmma GEMM's
+    k slot of that column in slab (sp, f)); columns past K up to whole 256-column steps are zeros."""
+    from qalora.kernels.gpu_matmul import x_slab_order
+
+    x = torch.randn(3, 320, dtype=torch.bfloat16)
+    xs = x_slab_order(x, 2)
+    assert xs.shape == (3, 512)
+    for c in range(320):
+        sp, w = divmod(c, 32)
+        t, f, h, j = w // 8, (w // 4) % 2, (w // 2) % 2, w % 2
+        assert torch.equal(xs[:, 32 * sp + 16 * f + 8 * h + 2 * t + j], x[:, c]), c
+    assert not xs[:, 320:].any()
+
+
+def test_large_m_path_names_why_wgmma_cannot_run_here():
+    """The wgmma GEMM is Hopper code: off a Hopper GPU ``auto`` keeps dequantize + matmul and asking for
+    it says what it needs."""
+    from lowbit_ref import random_prepared
+
+    from qalora.kernels import gpu_matmul
+
+    pw = random_prepared(64, 512, 4, 128, seed=0, device="cpu")
+    assert gpu_matmul.large_m_path(pw) == "dequant"
+    with pytest.raises(ValueError, match="Hopper"):
+        gpu_matmul.large_m_path(pw, "wgmma")
+    with pytest.raises(ValueError, match="auto, wgmma, fused or dequant"):
+        gpu_matmul.large_m_path(pw, "cutlass")

@@ -51,5 +51,5 @@ def test_large_m_path_choice(monkeypatch):
         assert gpu_matmul.large_m_path(w4_g64, "fused") == "fused"
     with pytest.raises(ValueError, match="bits=3, group_size=128"):
         gpu_matmul.large_m_path(w3, "fused")
-    with pytest.raises(ValueError, match="auto, fused or dequant"):
+    with pytest.raises(ValueError, match="auto, wgmma, fused or dequant"):
         gpu_matmul.large_m_path(w3, "cublas")

@@ -1,0 +1,156 @@
+"""The large-M paths on LLaMA-7B shapes, one process (CUDA, Hopper): the wgmma dequant-GEMM (every block
+shape of ``gpu_matmul.GEMM_CONFIGS``), dequantize + cuBLAS, and cuBLAS bf16 on a dense weight.
+
+    PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json [--m 128,256,512,2048] [--bits 4]
+
+First a check on small odd shapes (partial blocks of rows and weight tiles, K not a whole step, bias,
+the GLU epilogue, groups of 32/128/256, 2/3/4 bit): each block shape's output against the fp32 product
+with the dequantized weight, next to dequantize + cuBLAS's error on the same inputs, and repeat runs
+bit-equal. Then timings: CUDA-graph replays, the weights rotated over copies that defeat the 50 MB L2
+(``kernel_sweep.copies``), median of 7; the wgmma rows include the pass that puts x in slab order, timed
+alone too (``slab_order``). gate_up is a GLU weight (silu(gate) * up fused; dequant + cuBLAS then runs
+the activation as its own kernel, as the decoder does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kernel_sweep import SHAPES, copies, time_us  # noqa: E402
+from qalora.kernels import gpu_matmul  # noqa: E402
+from qalora.kernels.cuda_ext import ext  # noqa: E402
+from qalora.kernels.prepared import prepare_weight  # noqa: E402
+
+
+def rand_pw(n: int, k: int, bits: int, g: int = 128, glu: bool = False, bias: bool = False):
+    q = torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8, device="cuda")
+    s = (torch.rand(n, k // g, device="cuda") * 0.004 + 0.001).half()
+    z = torch.rand(n, k // g, device="cuda") * ((1 << bits) - 1)
+    b = torch.randn(n, device="cuda") if bias else None
+    pw = prepare_weight(q, s, z, bits, g, k, bias=b, glu=glu)
+    pw.drop_canonical()
+    return pw
+
+
+def reference(x: torch.Tensor, pw) -> torch.Tensor:
+    """fp32 x @ W^T (+ bias) with the kernels' dequantized weight (kernel row order), GLU applied."""
+    y = x.float() @ gpu_matmul.dequant(pw, torch.float32).T
+    if pw.bias is not None:
+        y = y + pw.bias
+    if pw.glu:
+        y = y.view(y.shape[0], -1, 2, 8)
+        y = (F.silu(y[:, :, 0]) * y[:, :, 1]).reshape(y.shape[0], -1)
+    return y
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b).norm() / b.norm())
+
+
+def check(rows: list, configs: list[int]) -> bool:
+    ok = True
+    cases = [(4, 128, 208, 768, 300, False, False), (4, 128, 208, 896, 77, False, True),
+             (4, 32, 160, 512, 130, False, False), (4, 256, 96, 1024, 64, False, False),
+             (3, 128, 208, 768, 300, False, True), (2, 128, 208, 768, 300, False, False),
+             (4, 128, 256, 512, 200, True, False), (2, 64, 256, 512, 200, True, True)]
+    for bits, g, n, k, m, glu, bias in cases:
+        pw = rand_pw(n, k, bits, g, glu, bias)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = reference(x, pw)
+        e_dq = rel(gpu_matmul.dequant_matmul(x, pw), ref)
+        for cfg in configs:
+            y = gpu_matmul.wgmma_gemm(x, pw, cfg)
+            e = rel(y, ref)
+            same = bool(torch.equal(y, gpu_matmul.wgmma_gemm(x, pw, cfg)))
+            good = e <= 1.5 * e_dq + 1e-4 and same
+            ok &= good
+            rows.append({"kind": "check", "bits": bits, "group": g, "n": n, "k": k, "m": m, "glu": glu, "bias": bias,
+                         "config": cfg, "rel_err": e, "rel_err_dequant_cublas": e_dq, "repeat_equal": same, "ok": good})
+            print(f"check {bits}b g{g} n={n} k={k} m={m} glu={glu} bias={bias} cfg {cfg}: {e:.2e} "
+                  f"(dequant+cuBLAS {e_dq:.2e}) repeat-equal={same} {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+def bench(rows: list, ms: list[int], configs: list[int], bits: int) -> None:
+    for name, (n, k) in SHAPES.items():
+        glu = name == "gate_up"
+        pws = copies(lambda: rand_pw(n, k, bits, glu=glu), 4, n * k * bits // 8)
+        dense = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 4, n * k * 2)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            it = {"i": 0}
+
+            def rot(seq):
+                it["i"] += 1
+                return seq[it["i"] % len(seq)]
+
+            def dense_fn():
+                y = F.linear(x, rot(dense))
+                return gpu_matmul.glu_act(y) if glu else y
+
+            fns = {"cublas_bf16": dense_fn, "dequant_cublas": lambda: gpu_matmul.dequant_matmul(x, rot(pws))}
+            for cfg in configs:
+                fns[f"wgmma{cfg}"] = lambda cfg=cfg: gpu_matmul.wgmma_gemm(x, rot(pws), cfg)
+            xs = gpu_matmul.x_slab_order(x, pws[0].tiles.shape[1])
+            fns["slab_order"] = lambda: gpu_matmul.x_slab_order(x, pws[0].tiles.shape[1])
+            res = {}
+            for vname, fn in fns.items():
+                try:
+                    res[vname] = time_us(fn, calls=10, reps=7)
+                except Exception as e:  # a block shape the device refuses: recorded, skipped
+                    res[vname] = None
+                    print(f"  {vname}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            best = min((c for c in configs if res.get(f"wgmma{c}")), key=lambda c: res[f"wgmma{c}"], default=None)
+            if best is not None:
+                pw = pws[0]
+                out = torch.empty(m, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16)
+                e = gpu_matmul._empty(x.device)
+                res["wgmma_kernel_only"] = time_us(lambda: ext().gemm(xs, pw.tiles, pw.coef, e, out, bits, n,
+                                                                      pw.log2_spg, glu, best), calls=10, reps=7)
+            flops = 2 * m * n * k
+            row = {"kind": "time", "bits": bits, "shape": name, "n": n, "k": k, "m": m, "us": res, "best_config": best,
+                   "TFLOPs_cublas": flops / res["cublas_bf16"] / 1e6}
+            rows.append(row)
+            cub = res["cublas_bf16"]
+            line = " ".join(f"{v}={t:.1f}" for v, t in res.items() if t)
+            wb = res.get(f"wgmma{best}") if best is not None else None
+            print(f"{bits}b {name:8s} M={m:5d}: {line} | bf16/dequant {cub / res['dequant_cublas']:.2f}x"
+                  + (f", bf16/wgmma{best} {cub / wb:.2f}x" if wb else ""), flush=True)
+        del pws, dense
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--m", default="128,256,512,1024,2048")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--configs", default=",".join(str(c) for c in gpu_matmul.GEMM_CONFIGS))
+    ap.add_argument("--skip-bench", action="store_true")
+    args = ap.parse_args()
+    configs = [int(c) for c in args.configs.split(",")]
+    rows: list = []
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "rows": rows}
+    ok = check(rows, configs)
+    out["check_ok"] = ok
+    if not ok and os.environ.get("QLB_GEMM_DESC_SWAP") is None:
+        print("check failed: trying the descriptor's LBO/SBO swapped", flush=True)
+        os.environ["QLB_GEMM_DESC_SWAP"] = "1"
+        out["check_swapped_ok"] = check(rows, configs[:1])
+    if not args.skip_bench:
+        bench(rows, [int(m) for m in args.m.split(",")], configs, args.bits)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
