@@ -4,9 +4,10 @@ Backends (chosen per layer by :func:`select_backend`, or forced):
 
 - ``"cuda"`` (CUDA + a CUDA compiler, fp16/bf16 activations, 2/3/4 bit, power-of-two group >= 32):
   the weight is repacked once into tiles (:mod:`qalora.kernels.layout`); rows M <=
-  ``gpu_matmul.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``), larger M
-  dequantize with one kernel then run cuBLAS (``gpu_matmul.large_m_path``; a fused Triton dequant-GEMM,
-  ``lowbit_gemm_triton``, is opt-in: slower so far).
+  ``gpu_matmul.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``); larger M
+  (``gpu_matmul.large_m_path``) runs the wgmma dequant-GEMM (``lowbit_gemm.cu``, Hopper) for GLU
+  weights and dequantizes with one kernel then runs cuBLAS for the others (measured faster each; a
+  fused Triton dequant-GEMM, ``lowbit_gemm_triton``, is opt-in).
 - ``"int4pack"`` (CPU, 4 bit): bf16/fp16 activations run torch's ``_weight_int4pack_mm_for_cpu`` in
   their dtype (scale/zero rounded to it: :func:`~qalora.kernels.cpu.int4_error_bound`); fp32
   activations run an fp32 matmul on the weight dequantized once (exact; torch's fp32 int4pack

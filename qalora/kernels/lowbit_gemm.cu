@@ -1,8 +1,8 @@
 // Large-M fused dequant-GEMM for the tile layout (qalora/kernels/layout.py), sm_90a: the codes are
 // dequantized in registers straight into wgmma's A operand (the weight, 64 rows per warpgroup), x is the
-// B operand in shared memory (x first put in slab order, x_slab_order). The bf16/fp16 weight is never written anywhere; each weight element is
-// w = s q + (-s z) in fp32, rounded once to T, the same bits as dequant_kernel's, so y matches
-// dequantize-then-cuBLAS up to the order of the fp32 sums.
+// B operand in shared memory (x first put in slab order, gpu_matmul.x_slab_order). The bf16/fp16 weight
+// is never written anywhere; each weight element is s q + (-s z) in fp32 rounded once to T
+// (dequant_slab), as dequantize-then-cuBLAS rounds it, so y matches that path up to the order of the sums.
 //
 // Included after lowbit_cuda.cu (Num, pair, cp_async16/commit/wait, ld_stream) by each translation unit.
 //
@@ -27,91 +27,67 @@ namespace qlb {
 // lane, T) x B [16, N] (shared memory, descriptor b, K-major); always accumulates (scale-d = 1).
 template <int N>
 struct Wgmma;
+#define QLB_WGMMA_64(DT)                                                                                          \
+  asm volatile("{.reg .pred p; setp.ne.b32 p, %37, 0; "                                                           \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." DT "." DT " "                                        \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "      \
+               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                                    \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, 0;}"                                                          \
+               : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24)                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 template <> struct Wgmma<64> {
   template <typename T>
   __device__ static void run(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value)
-      asm volatile("{.reg .pred p; setp.ne.b32 p, %37, 0; "
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-                   "{%32, %33, %34, %35}, %36, p, 1, 1, 0;}"
-                   : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-    else
-      asm volatile("{.reg .pred p; setp.ne.b32 p, %37, 0; "
-                   "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-                   "{%32, %33, %34, %35}, %36, p, 1, 1, 0;}"
-                   : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_64("f16");
+    else QLB_WGMMA_64("bf16");
   }
 };
+#undef QLB_WGMMA_64
+#define QLB_WGMMA_128(DT)                                                                                         \
+  asm volatile("{.reg .pred p; setp.ne.b32 p, %69, 0; "                                                           \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." DT "." DT " "                                       \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "      \
+               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "       \
+               "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "       \
+               "%56, %57, %58, %59, %60, %61, %62, %63}, "                                                        \
+               "{%64, %65, %66, %67}, %68, p, 1, 1, 0;}"                                                          \
+               : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24),                                \
+                 QLB_ACC8(d, 32), QLB_ACC8(d, 40), QLB_ACC8(d, 48), QLB_ACC8(d, 56)                               \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 template <> struct Wgmma<128> {
   template <typename T>
   __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value)
-      asm volatile("{.reg .pred p; setp.ne.b32 p, %69, 0; "
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
-                   "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
-                   "%59, %60, %61, %62, %63}, "
-                   "{%64, %65, %66, %67}, %68, p, 1, 1, 0;}"
-                   : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24),
-                     QLB_ACC8(d, 32), QLB_ACC8(d, 40), QLB_ACC8(d, 48), QLB_ACC8(d, 56)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-    else
-      asm volatile("{.reg .pred p; setp.ne.b32 p, %69, 0; "
-                   "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
-                   "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
-                   "%59, %60, %61, %62, %63}, "
-                   "{%64, %65, %66, %67}, %68, p, 1, 1, 0;}"
-                   : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24),
-                     QLB_ACC8(d, 32), QLB_ACC8(d, 40), QLB_ACC8(d, 48), QLB_ACC8(d, 56)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_128("f16");
+    else QLB_WGMMA_128("bf16");
   }
 };
+#undef QLB_WGMMA_128
+#define QLB_WGMMA_256(DT)                                                                                         \
+  asm volatile("{.reg .pred p; setp.ne.b32 p, %133, 0; "                                                          \
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32." DT "." DT " "                                       \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "      \
+               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "       \
+               "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "       \
+               "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "       \
+               "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "       \
+               "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, "   \
+               "%109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, "       \
+               "%124, %125, %126, %127}, "                                                                        \
+               "{%128, %129, %130, %131}, %132, p, 1, 1, 0;}"                                                     \
+               : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24),                                \
+                 QLB_ACC8(d, 32), QLB_ACC8(d, 40), QLB_ACC8(d, 48), QLB_ACC8(d, 56),                              \
+                 QLB_ACC8(d, 64), QLB_ACC8(d, 72), QLB_ACC8(d, 80), QLB_ACC8(d, 88),                              \
+                 QLB_ACC8(d, 96), QLB_ACC8(d, 104), QLB_ACC8(d, 112), QLB_ACC8(d, 120)                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 template <> struct Wgmma<256> {
   template <typename T>
   __device__ static void run(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value)
-      asm volatile("{.reg .pred p; setp.ne.b32 p, %133, 0; "
-                   "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
-                   "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
-                   "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, "
-                   "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, "
-                   "%97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, "
-                   "%113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-                   "{%128, %129, %130, %131}, %132, p, 1, 1, 0;}"
-                   : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24),
-                     QLB_ACC8(d, 32), QLB_ACC8(d, 40), QLB_ACC8(d, 48), QLB_ACC8(d, 56),
-                     QLB_ACC8(d, 64), QLB_ACC8(d, 72), QLB_ACC8(d, 80), QLB_ACC8(d, 88),
-                     QLB_ACC8(d, 96), QLB_ACC8(d, 104), QLB_ACC8(d, 112), QLB_ACC8(d, 120)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-    else
-      asm volatile("{.reg .pred p; setp.ne.b32 p, %133, 0; "
-                   "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-                   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "
-                   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "
-                   "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "
-                   "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, "
-                   "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, "
-                   "%97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, "
-                   "%113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-                   "{%128, %129, %130, %131}, %132, p, 1, 1, 0;}"
-                   : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24),
-                     QLB_ACC8(d, 32), QLB_ACC8(d, 40), QLB_ACC8(d, 48), QLB_ACC8(d, 56),
-                     QLB_ACC8(d, 64), QLB_ACC8(d, 72), QLB_ACC8(d, 80), QLB_ACC8(d, 88),
-                     QLB_ACC8(d, 96), QLB_ACC8(d, 104), QLB_ACC8(d, 112), QLB_ACC8(d, 120)
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_256("f16");
+    else QLB_WGMMA_256("bf16");
   }
 };
+#undef QLB_WGMMA_256
+
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -227,7 +203,8 @@ template <typename T, int BN, int KBS>
 __device__ __forceinline__ void issue_kblock(float (&acc)[BN / 2], const uint32_t (&av)[KBS][4], uint32_t xb) {
   wgmma_fence();
 #pragma unroll
-  for (int q = 0; q < KBS; ++q) Wgmma<BN>::template run<T>(acc, av[q], desc_sw128(xb + (q >> 2) * BN * 128 + (q & 3) * 32));
+  for (int q = 0; q < KBS; ++q)  // slab q: atom q / 4, bytes 32 (q % 4) of its rows
+    Wgmma<BN>::template run<T>(acc, av[q], desc_sw128(xb + (q >> 2) * BN * 128 + (q & 3) * 32));
   wgmma_commit();
 }
 
@@ -237,8 +214,9 @@ __device__ __forceinline__ void issue_kblock(float (&acc)[BN / 2], const uint32_
 // weights and run side by side, so it is read from HBM about once. The K loop runs over k-blocks of
 // 16 KBS columns: x staged in an NS-slot ring by cp.async, NS - 1 k-blocks ahead; a k-block's KBS
 // wgmmas are issued back to back while the next k-block's A fragments are dequantized into the other
-// half of a register double buffer; each warp's codes are loaded a step (256 columns) ahead. L2S: log2
-// of the spans of 32 columns per group, capped at 3 (one group per step or more: NG = 1).
+// half of a register double buffer; the next step's codes (256 columns) are loaded into the same
+// registers once the step's last k-block is decoded, a k-block ahead (a second buffer spilled at 256 x
+// rows). L2S: log2 of the spans of 32 columns per group, capped at 3 (one group per step or more: NG = 1).
 template <typename T, int BITS, int BN, int WG, int KBS, int NS, int L2S>
 __global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
   constexpr int NG = L2S >= 3 ? 1 : 8 >> L2S;  // groups per step

@@ -3,7 +3,8 @@
 never written to memory (dequantize-then-cuBLAS writes and re-reads it: 4 bytes per weight on top of the
 0.5 it needs).
 
-Opt-in (``gpu_matmul.matmul(x, w, large_m="fused")``), not the default: on an H200 it runs 1.4-2.4x slower
+Opt-in (``gpu_matmul.matmul(x, w, large_m="fused")``), not the default (the CUDA ``lowbit_gemm.cu`` takes the
+dequantized weight as wgmma's register operand instead): on an H200 it runs 1.4-2.4x slower
 than dequantize + cuBLAS on LLaMA-7B shapes at M = 256-2048 (at M = 64: 10-20% faster on qkv and gate_up,
 2.5-2.9x slower on o and down; benchmarks/RESULTS.md, round 5). ncu says
 why: each K step stores the dequantized operand to shared memory behind a CTA barrier, then waits for its
