@@ -2,7 +2,8 @@
 
 The M = 1 kernel is bound by instruction issue (benchmarks/RESULTS.md, round 4), so the SASS
 instructions in its step loop are a first, free measure of a change before any GPU time is spent.
-For each case (dtype, bits, n8 fragments NT, fused norm, staged x, tiles per block R) this compiles
+For each case (dtype, bits, n8 fragments NT, fused norm, staged x, tiles per block R; and the large-M
+wgmma GEMM of ``lowbit_gemm.cu``, whose loop is one 256-column step per warp) this compiles
 the kernel for sm_90a, disassembles it and reports registers, spills, and the instructions of its
 main loop (the innermost backward branch around all the ``HMMA``), with the most frequent opcodes.
 The cases are at group 128, which the launcher compiles in up to 16 rows: there the loop is straight
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "qalora" / "kernels" / "lowbit_cuda.cu"
+GEMM_SOURCE = ROOT / "qalora" / "kernels" / "lowbit_gemm.cu"
 # (name, T, BITS, NT, NORM, SX, R): the decoder's M = 1 paths (staged x, fused norm or not), M = 8, M = 32;
 # two tiles per block throughout, as round 5 shipped them (4 bit at M <= 4 now ships one: half the step)
 CASES = [
@@ -41,6 +43,16 @@ CASES = [
     ("m1.norm.int2", "__nv_bfloat16", 2, 1, "true", "true", 2),
     ("m8.int4", "__nv_bfloat16", 4, 1, "false", "false", 2),
     ("m32.int4", "__nv_bfloat16", 4, 4, "false", "false", 2),
+]
+
+
+# the large-M wgmma GEMM (lowbit_gemm.cu): (name, T, BITS, BN, WG, KBS, NS, L2S), groups of 128; its loop
+# is one 256-column step (16 slabs of 16 columns) per warp
+GEMM_CASES = [
+    ("gemm.int4.bn256", "__nv_bfloat16", 4, 256, 2, 4, 4, 2),
+    ("gemm.int4.bn128", "__nv_bfloat16", 4, 128, 2, 4, 4, 2),
+    ("gemm.int3.bn256", "__nv_bfloat16", 3, 256, 2, 4, 4, 2),
+    ("gemm.int2.bn256", "__nv_bfloat16", 2, 256, 2, 4, 4, 2),
 ]
 
 
@@ -60,12 +72,15 @@ def tool(name: str, given: str | None) -> str:
     return path
 
 
-def compile_cases(src: Path, defines: list[str], nvcc: str, work: Path) -> tuple[Path, str]:
+def compile_cases(src: Path, gemm_src: Path, defines: list[str], nvcc: str, work: Path) -> tuple[Path, str]:
     """One cubin holding every case's kernel (taking each one's address instantiates it)."""
-    ptrs = ", ".join(f"(const void*)&qlb::gemv_kernel<{t}, {b}, {nt}, {norm}, {sx}, {r}, {group_log2(nt)}>"
-                     for _, t, b, nt, norm, sx, r in CASES)
+    ptrs = [f"(const void*)&qlb::gemv_kernel<{t}, {b}, {nt}, {norm}, {sx}, {r}, {group_log2(nt)}>"
+            for _, t, b, nt, norm, sx, r in CASES]
+    ptrs += [f"(const void*)&qlb::gemm_kernel<{t}, {b}, {bn}, {wg}, {kbs}, {ns}, {l2s}>"
+             for _, t, b, bn, wg, kbs, ns, l2s in GEMM_CASES]
     tu = work / "cases.cu"
-    tu.write_text(f'#include "{src.resolve()}"\nconst void* qlb_cases[] = {{{ptrs}}};\n')
+    tu.write_text(f'#include "{src.resolve()}"\n#include "{gemm_src.resolve()}"\n'
+                  f'const void* qlb_cases[] = {{{", ".join(ptrs)}}};\n')
     cubin = work / "cases.cubin"
     cmd = [nvcc, "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-cubin", "-Xptxas", "-v",
            *(f"-D{d}" for d in defines), str(tu), "-o", str(cubin)]
@@ -91,9 +106,9 @@ def ptxas_report(log: str) -> dict[str, dict]:
     return out
 
 
-def step_loop(insns: list[tuple[int, str]]) -> list[str]:
-    """The instructions of the innermost loop around every HMMA (the K-step loop)."""
-    hmma = [a for a, t in insns if "HMMA" in t]
+def step_loop(insns: list[tuple[int, str]], mma: str = "HMMA") -> list[str]:
+    """The instructions of the innermost loop around every ``mma`` instruction (the K-step loop)."""
+    hmma = [a for a, t in insns if mma in t]
     best = None
     for a, t in insns:
         m = re.search(r"BRA (?:!?U?P\w+, )?0x([0-9a-f]+)", t)
@@ -111,6 +126,7 @@ def opcode(text: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", type=Path, default=SOURCE)
+    ap.add_argument("--gemm-source", type=Path, default=GEMM_SOURCE)
     ap.add_argument("--define", action="append", default=[], help="NAME=VALUE, passed to nvcc as -D")
     ap.add_argument("--nvcc")
     ap.add_argument("--cuobjdump")
@@ -118,7 +134,7 @@ def main() -> None:
     args = ap.parse_args()
     nvcc, cuobjdump = tool("nvcc", args.nvcc), tool("cuobjdump", args.cuobjdump)
     with tempfile.TemporaryDirectory() as d:
-        cubin, log = compile_cases(args.source, args.define, nvcc, Path(d))
+        cubin, log = compile_cases(args.source, args.gemm_source, args.define, nvcc, Path(d))
         sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     ptxas = ptxas_report(log)
     funcs: dict[str, list[tuple[int, str]]] = {}
@@ -140,7 +156,14 @@ def main() -> None:
         ops = collections.Counter(opcode(x) for x in loop)
         rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "hmma": ops["HMMA"],
                      "top": dict(ops.most_common(8))})
-    print("| case | registers | spill loads | step-loop instructions | HMMA | most frequent |")
+    for case, t, b, bn, wg, kbs, ns, l2s in GEMM_CASES:
+        tag = f"Li{b}ELi{bn}ELi{wg}ELi{kbs}ELi{ns}ELi{l2s}EE"
+        mangled = next(f for f in funcs if "gemm_kernel" in f and tag in f and ("bfloat16" in f) == (t == "__nv_bfloat16"))
+        loop = step_loop(funcs[mangled], "HGMMA")
+        ops = collections.Counter(opcode(x) for x in loop)
+        rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "hmma": ops["HGMMA"],
+                     "top": dict(ops.most_common(8))})
+    print("| case | registers | spill loads | step-loop instructions | HMMA / HGMMA | most frequent |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         top = ", ".join(f"{k} {v}" for k, v in r["top"].items())
