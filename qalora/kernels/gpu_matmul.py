@@ -216,12 +216,14 @@ def wgmma_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _path_fits(pw: PreparedWeight, path: str) -> tuple[bool, str]:
-    """Whether ``path`` can take ``pw`` here, and what it needs."""
+def _path_fits(pw: PreparedWeight, path: str, dtype: torch.dtype | None) -> tuple[bool, str]:
+    """Whether ``path`` can take ``pw`` (and activations of ``dtype``, if given) here, and what it needs."""
     if path == "dequant":
         return True, ""
     if path == "wgmma":
-        return pw.tiles is not None and wgmma_available(pw.tiles.device), "a Hopper GPU (sm_90) and a kernel layout"
+        ok_dtype = dtype in (None, torch.float16, torch.bfloat16)
+        fits = ok_dtype and pw.tiles is not None and wgmma_available(pw.tiles.device)
+        return fits, "a Hopper GPU (sm_90), a kernel layout and fp16/bf16 activations"
     try:
         from qalora.kernels.lowbit_gemm_triton import gemm_fits
     except ImportError:
@@ -231,18 +233,18 @@ def _path_fits(pw: PreparedWeight, path: str) -> tuple[bool, str]:
     return fits, "2/4-bit weights with groups of whole chunks (and triton)"
 
 
-def large_m_path(pw: PreparedWeight, prefer: str = "auto") -> str:
+def large_m_path(pw: PreparedWeight, prefer: str = "auto", dtype: torch.dtype | None = None) -> str:
     """The large-M path: ``dequant`` (dequantize with one kernel, then cuBLAS), ``wgmma`` (the CUDA
     dequant-GEMM, :func:`wgmma_gemm`: Hopper, any kernel layout) or ``fused`` (the Triton dequant-GEMM,
     :mod:`qalora.kernels.lowbit_gemm_triton`: 2/4-bit, groups of whole chunks, needs triton).
-    ``auto``: ``GLU_AUTO`` for GLU weights, else ``LARGE_M_AUTO`` (the measured fastest), where the weight
-    and device allow it, else ``dequant``."""
+    ``auto``: ``GLU_AUTO`` for GLU weights, else ``LARGE_M_AUTO`` (the measured fastest), where the weight,
+    the device and the activations' ``dtype`` (when given) allow it, else ``dequant``."""
     if prefer not in ("auto", "fused", "dequant", "wgmma"):
         raise ValueError(f"large-M path must be auto, wgmma, fused or dequant, not {prefer!r}")
     if prefer == "auto":
         wants = (GLU_AUTO, LARGE_M_AUTO) if pw.glu else (LARGE_M_AUTO,)
-        return next((w for w in wants if _path_fits(pw, w)[0]), "dequant")
-    fits, why = _path_fits(pw, prefer)
+        return next((w for w in wants if _path_fits(pw, w, dtype)[0]), "dequant")
+    fits, why = _path_fits(pw, prefer, dtype)
     if fits:
         return prefer
     raise ValueError(f"the {prefer} GEMM takes {why}, not bits={pw.bits}, group_size={pw.group_size} on "
@@ -264,7 +266,7 @@ def matmul(x: torch.Tensor, pw: PreparedWeight, large_m: str = "auto") -> torch.
     the large-M path :func:`large_m_path` picks."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    path = "skinny" if x2.shape[0] <= SKINNY_MAX_M else large_m_path(pw, large_m)
+    path = "skinny" if x2.shape[0] <= SKINNY_MAX_M else large_m_path(pw, large_m, x2.dtype)
     if path == "skinny":
         y = gemv(x2, pw)
     elif path == "wgmma":

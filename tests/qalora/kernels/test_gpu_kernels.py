@@ -168,6 +168,9 @@ def test_wgmma_gemm(bits, dtype):
             assert rel_err(y, ref) <= 1.5 * rel_err(dq, ref) + 1e-4, cfg
             assert torch.equal(y, gpu_matmul.wgmma_gemm(x, pw, cfg))
         assert torch.equal(gpu_matmul.matmul(x, pw, large_m="wgmma"), gpu_matmul.wgmma_gemm(x, pw))
+        # auto: the wgmma GEMM for GLU weights with 16-bit activations, dequantize + cuBLAS otherwise
+        assert gpu_matmul.large_m_path(pw, "auto", dtype) == ("wgmma" if glu else "dequant")
+        assert gpu_matmul.large_m_path(pw, "auto", torch.float32) == "dequant"
     out = torch.empty_like(y)
     assert_graph_replays(lambda: out.copy_(gpu_matmul.wgmma_gemm(x, pw)), out, gpu_matmul.wgmma_gemm(x, pw))
 
