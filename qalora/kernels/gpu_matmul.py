@@ -180,7 +180,9 @@ def x_slab_order(x: torch.Tensor, steps: int) -> torch.Tensor:
     GEMM's k slots are contiguous (lowbit_gemm.cu): columns 8 t + 4 f + 2 h + j move to 16 f + 8 h + 2 t + j."""
     m, k = x.shape
     xs = x.new_empty(m, steps * 256) if k == steps * 256 else x.new_zeros(m, steps * 256)
-    xs[:, :k].view(m, k // 32, 2, 2, 4, 2).copy_(x.view(m, k // 32, 4, 2, 2, 2).permute(0, 1, 3, 4, 2, 5))
+    # moved as 4-byte words (column pairs j): word 4 t + 2 f + h of each 16 goes to 8 f + 4 h + t
+    w = x.contiguous().view(torch.int32).view(m, k // 32, 4, 2, 2)
+    xs.view(torch.int32)[:, : k // 2].view(m, k // 32, 2, 2, 4).copy_(w.permute(0, 1, 3, 4, 2))
     return xs
 
 
