@@ -29,11 +29,12 @@ from qalora.kernels.prepared import prepare_weight
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
 
-def rand_pw(n: int, k: int, bits: int, g: int = 128):
+def rand_pw(n: int, k: int, bits: int, g: int = 128, glu: bool = False, bias: bool = False):
     q = torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8, device="cuda")
     s = (torch.rand(n, k // g, device="cuda") * 0.004 + 0.001).half()
     z = torch.rand(n, k // g, device="cuda") * ((1 << bits) - 1)
-    pw = prepare_weight(q, s, z, bits, g, k)
+    b = torch.randn(n, device="cuda") if bias else None
+    pw = prepare_weight(q, s, z, bits, g, k, bias=b, glu=glu)
     pw.drop_canonical()
     return pw
 
