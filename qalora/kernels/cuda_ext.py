@@ -21,7 +21,7 @@ SOURCE = Path(__file__).with_name("lowbit_cuda.cu")
 GEMM_SOURCE = Path(__file__).with_name("lowbit_gemm.cu")
 BITS = (2, 3, 4)
 
-# gemv/dequant dispatch to the per-bit-width launchers of lowbit_cuda.cu
+# gemv/dequant/gemm dispatch to the per-bit-width launchers of lowbit_cuda.cu and lowbit_gemm.cu
 BINDING = """
 #include <torch/extension.h>
 #define QLB_DECL(B)                                                                                          \\
