@@ -24,9 +24,10 @@ import torch  # noqa: E402
 
 from qalora.bench import copy_bandwidth, time_decode, time_prefill  # noqa: E402
 from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
+from qalora.kernels.gpu_matmul import wgmma_available  # noqa: E402
 
 ATTN = {"split+pdl": (None, True), "split": (None, False), "one program per head": (1, False)}
-PREFILL = ("dequant", "wgmma")  # the low-bit decoder's large-M paths (gpu_matmul.large_m_path)
+PREFILL = ("dequant", "wgmma")  # the low-bit decoder's large-M paths (gpu_matmul.large_m_path); wgmma: Hopper
 
 
 def run(hn: StaticDecoder, batches: list[int], prefills: list[int], prefill_paths: tuple[str, ...], reps: int,
@@ -69,7 +70,8 @@ def main() -> None:
                          "python": platform.python_version()},
                  "args": vars(args), "copy_bandwidth_GBps": copy_bandwidth()}
     hn = StaticDecoder(src, "lowbit", dt)
-    out["lowbit"] = run(hn, batches, prefills, PREFILL, args.reps, args.attn.split(","))
+    paths = PREFILL if wgmma_available(torch.device("cuda")) else ("dequant",)
+    out["lowbit"] = run(hn, batches, prefills, paths, args.reps, args.attn.split(","))
     out["lowbit"]["bytes_per_step"] = hn.weight_bytes()
     del hn
     torch.cuda.empty_cache()

@@ -9,6 +9,7 @@ outputs [M, N] ([M, N/2] for ``glu`` weights).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, replace
@@ -213,8 +214,9 @@ LARGE_M_AUTO = "dequant"
 GLU_AUTO = "wgmma"
 
 
+@functools.lru_cache(maxsize=None)
 def wgmma_available(device: torch.device) -> bool:
-    """The wgmma GEMM runs on Hopper GPUs (sm_90a code)."""
+    """The wgmma GEMM runs on Hopper GPUs (sm_90a code). Cached: asked on every large-M matmul."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
