@@ -27,7 +27,7 @@ from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
 from qalora.kernels.gpu_matmul import wgmma_available  # noqa: E402
 
 ATTN = {"split+pdl": (None, True), "split": (None, False), "one program per head": (1, False)}
-PREFILL = ("dequant", "wgmma")  # the low-bit decoder's large-M paths (gpu_matmul.large_m_path); wgmma: Hopper
+PREFILL = ("dequant", "wgmma", "auto")  # the low-bit decoder's large-M paths (gpu_matmul.large_m_path); wgmma: Hopper
 
 
 def run(hn: StaticDecoder, batches: list[int], prefills: list[int], prefill_paths: tuple[str, ...], reps: int,

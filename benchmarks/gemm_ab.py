@@ -7,8 +7,8 @@ First a check on small odd shapes (partial blocks of rows and weight tiles, K no
 the GLU epilogue, groups of 32/128/256, 2/3/4 bit): each block shape's output against the fp32 product
 with the dequantized weight, next to dequantize + cuBLAS's error on the same inputs, and repeat runs
 bit-equal. Then timings: CUDA-graph replays, the weights rotated over copies that defeat the 50 MB L2
-(``kernel_sweep.copies``), median of 7; the wgmma rows include the pass that puts x in slab order, timed
-alone too (``slab_order``). gate_up is a GLU weight (silu(gate) * up fused; dequant + cuBLAS then runs
+(``kernel_sweep.copies``), median of 7; the wgmma rows include the pass laying x out as the kernel copies it, timed
+alone too (``x_image``). gate_up is a GLU weight (silu(gate) * up fused; dequant + cuBLAS then runs
 the activation as its own kernel, as the decoder does).
 """
 
@@ -89,8 +89,8 @@ def bench(rows: list, ms: list[int], configs: list[int], bits: int) -> None:
             fns = {"cublas_bf16": dense_fn, "dequant_cublas": lambda: gpu_matmul.dequant_matmul(x, rot(pws))}
             for cfg in configs:
                 fns[f"wgmma{cfg}"] = lambda cfg=cfg: gpu_matmul.wgmma_gemm(x, rot(pws), cfg)
-            xs = gpu_matmul.x_slab_order(x, pws[0].tiles.shape[1])
-            fns["slab_order"] = lambda: gpu_matmul.x_slab_order(x, pws[0].tiles.shape[1])
+            steps = pws[0].tiles.shape[1]
+            fns["x_image"] = lambda: gpu_matmul.x_image(x, steps)
             res = {}
             for vname, fn in fns.items():
                 try:
@@ -103,7 +103,8 @@ def bench(rows: list, ms: list[int], configs: list[int], bits: int) -> None:
                 pw = pws[0]
                 out = torch.empty(m, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16)
                 e = gpu_matmul._empty(x.device)
-                res["wgmma_kernel_only"] = time_us(lambda: ext().gemm(xs, pw.tiles, pw.coef, e, out, bits, n,
+                xs = gpu_matmul.x_image(x, steps)
+                res["wgmma_kernel_only"] = time_us(lambda: ext().gemm(xs, pw.tiles, pw.coef, e, out, bits, m, n,
                                                                       pw.log2_spg, glu, best), calls=10, reps=7)
             flops = 2 * m * n * k
             row = {"kind": "time", "bits": bits, "shape": name, "n": n, "k": k, "m": m, "us": res, "best_config": best,

@@ -3,7 +3,8 @@
 The M = 1 kernel is bound by instruction issue (benchmarks/RESULTS.md, round 4), so the SASS
 instructions in its step loop are a first, free measure of a change before any GPU time is spent.
 For each case (dtype, bits, n8 fragments NT, fused norm, staged x, tiles per block R; and the large-M
-wgmma GEMM of ``lowbit_gemm.cu``, whose loop is one 256-column step per warp) this compiles
+wgmma GEMM of ``lowbit_gemm.cu``, whose loop is one 256-column step per warp, counted without the
+code its one copy-issuing thread runs alone) this compiles
 the kernel for sm_90a, disassembles it and reports registers, spills, and the instructions of its
 main loop (the innermost backward branch around all the ``HMMA``), with the most frequent opcodes.
 The cases are at group 128, which the launcher compiles in up to 16 rows: there the loop is straight
@@ -46,13 +47,13 @@ CASES = [
 ]
 
 
-# the large-M wgmma GEMM (lowbit_gemm.cu): (name, T, BITS, BN, WG, KBS, NS, L2S), groups of 128; its loop
-# is one 256-column step (16 slabs of 16 columns) per warp
+# the large-M wgmma GEMM (lowbit_gemm.cu): (name, kernel, T, BITS, BN, WG, KBS, NS, L2S), groups of 128;
+# its loop is one 256-column step (16 slabs of 16 columns) per warp
 GEMM_CASES = [
-    ("gemm.int4.bn256", "__nv_bfloat16", 4, 256, 2, 4, 4, 2),
-    ("gemm.int4.bn128", "__nv_bfloat16", 4, 128, 2, 4, 4, 2),
-    ("gemm.int3.bn256", "__nv_bfloat16", 3, 256, 2, 4, 4, 2),
-    ("gemm.int2.bn256", "__nv_bfloat16", 2, 256, 2, 4, 4, 2),
+    ("gemm.int4.bn256", "gemm_kernel", "__nv_bfloat16", 4, 256, 2, 4, 4, 2),
+    ("gemm.int4.bn128", "gemm_kernel", "__nv_bfloat16", 4, 128, 2, 8, 4, 2),
+    ("gemm.int3.bn256", "gemm_kernel", "__nv_bfloat16", 3, 256, 2, 4, 4, 2),
+    ("gemm.int2.bn256", "gemm_kernel", "__nv_bfloat16", 2, 256, 2, 4, 4, 2),
 ]
 
 
@@ -76,8 +77,8 @@ def compile_cases(src: Path, gemm_src: Path, defines: list[str], nvcc: str, work
     """One cubin holding every case's kernel (taking each one's address instantiates it)."""
     ptrs = [f"(const void*)&qlb::gemv_kernel<{t}, {b}, {nt}, {norm}, {sx}, {r}, {group_log2(nt)}>"
             for _, t, b, nt, norm, sx, r in CASES]
-    ptrs += [f"(const void*)&qlb::gemm_kernel<{t}, {b}, {bn}, {wg}, {kbs}, {ns}, {l2s}>"
-             for _, t, b, bn, wg, kbs, ns, l2s in GEMM_CASES]
+    ptrs += [f"(const void*)&qlb::{kern}<{t}, {b}, {bn}, {wg}, {kbs}, {ns}, {l2s}>"
+             for _, kern, t, b, bn, wg, kbs, ns, l2s in GEMM_CASES]
     tu = work / "cases.cu"
     tu.write_text(f'#include "{src.resolve()}"\n#include "{gemm_src.resolve()}"\n'
                   f'const void* qlb_cases[] = {{{", ".join(ptrs)}}};\n')
@@ -106,17 +107,35 @@ def ptxas_report(log: str) -> dict[str, dict]:
     return out
 
 
-def step_loop(insns: list[tuple[int, str]], mma: str = "HMMA") -> list[str]:
+def branch_target(text: str) -> int | None:
+    m = re.search(r"BRA (?:!?U?P\w+, )?0x([0-9a-f]+)", text)
+    return int(m.group(1), 16) if m else None
+
+
+def step_loop(insns: list[tuple[int, str]], mma: str = "HMMA") -> list[tuple[int, str]]:
     """The instructions of the innermost loop around every ``mma`` instruction (the K-step loop)."""
     hmma = [a for a, t in insns if mma in t]
     best = None
     for a, t in insns:
-        m = re.search(r"BRA (?:!?U?P\w+, )?0x([0-9a-f]+)", t)
-        if m and hmma:
-            target = int(m.group(1), 16)
+        target = branch_target(t)
+        if target is not None and hmma:
             if target <= min(hmma) and a >= max(hmma) and (best is None or a - target < best[1] - best[0]):
                 best = (target, a)
-    return [] if best is None else [t for a, t in insns if best[0] <= a <= best[1]]
+    return [] if best is None else [(a, t) for a, t in insns if best[0] <= a <= best[1]]
+
+
+def without_copy_issue(loop: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """``loop`` less the code the GEMM's one copy-issuing thread runs alone: the ranges that a forward
+    branch skips which hold a bulk copy (``UBLKCP``), so what every other warp issues."""
+    skip: set[int] = set()
+    end = loop[-1][0] if loop else 0
+    for a, t in loop:
+        target = branch_target(t)
+        if target is not None and a < target <= end:
+            inside = [u for b, u in loop if a < b < target]
+            if any("UBLKCP" in u for u in inside) and not any("GMMA" in u for u in inside):
+                skip.update(b for b, _ in loop if a < b < target)
+    return [(a, t) for a, t in loop if a not in skip]
 
 
 def opcode(text: str) -> str:
@@ -153,16 +172,17 @@ def main() -> None:
         tag = f"Li{b}ELi{nt}ELb{int(norm == 'true')}ELb{int(sx == 'true')}ELi{r}ELi{gs if gs >= 0 else f'n{-gs}'}EE"
         mangled = next(f for f in funcs if tag in f and ("bfloat16" in f) == (t == "__nv_bfloat16"))
         loop = step_loop(funcs[mangled])
-        ops = collections.Counter(opcode(x) for x in loop)
+        ops = collections.Counter(opcode(x) for _, x in loop)
         rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "hmma": ops["HMMA"],
                      "top": dict(ops.most_common(8))})
-    for case, t, b, bn, wg, kbs, ns, l2s in GEMM_CASES:
-        tag = f"Li{b}ELi{bn}ELi{wg}ELi{kbs}ELi{ns}ELi{l2s}EE"
-        mangled = next(f for f in funcs if "gemm_kernel" in f and tag in f and ("bfloat16" in f) == (t == "__nv_bfloat16"))
-        loop = step_loop(funcs[mangled], "HGMMA")
-        ops = collections.Counter(opcode(x) for x in loop)
-        rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "hmma": ops["HGMMA"],
-                     "top": dict(ops.most_common(8))})
+    for case, kern, t, b, bn, wg, kbs, ns, l2s in GEMM_CASES:
+        tag = f"{len(kern)}{kern}I.*Li{b}ELi{bn}ELi{wg}ELi{kbs}ELi{ns}ELi{l2s}EE"
+        mangled = next(f for f in funcs if re.search(tag, f) and ("bfloat16" in f) == (t == "__nv_bfloat16"))
+        full = step_loop(funcs[mangled], "HGMMA")
+        loop = without_copy_issue(full)
+        ops = collections.Counter(opcode(x) for _, x in loop)
+        rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "with_copy_issue": len(full),
+                     "hmma": ops["HGMMA"], "top": dict(ops.most_common(8))})
     print("| case | registers | spill loads | step-loop instructions | HMMA / HGMMA | most frequent |")
     print("|---|---|---|---|---|---|")
     for r in rows:

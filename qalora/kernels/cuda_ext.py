@@ -1,8 +1,9 @@
 """Builds and loads the CUDA kernels (``lowbit_cuda.cu``: the skinny GEMV and the dequant kernel;
 ``lowbit_gemm.cu``: the large-M wgmma GEMM, sm_90a) on first use; importing this module compiles nothing.
 
-The two .cu files are compiled as three translation units, one per bit width (``QLB_TU_BITS``), in
-parallel by ninja, plus a small C++ binding. torch caches the build (``TORCH_EXTENSIONS_DIR``,
+The two .cu files are compiled as translation units built in parallel by ninja: one per bit width
+(``QLB_TU_BITS``) for the GEMV and dequant kernels and, on Hopper, one per bit width and activation type
+(``QLB_TU_GEMM``) for the GEMM, plus a small C++ binding. torch caches the build (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``) under a name hashing the sources: an edited kernel is
 rebuilt, an unchanged one is loaded.
 """
@@ -28,9 +29,12 @@ BINDING = """
   void gemv_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,   \\
                  int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool);                 \\
   void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);                                   \\
-  void gemm_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,  \\
-                 bool, int64_t);
+  void gemm_b##B##_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,      \\
+                       int64_t, int64_t, bool, int64_t);                                                     \\
+  void gemm_b##B##_f16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,       \\
+                      int64_t, int64_t, bool, int64_t);
 QLB_DECL(2) QLB_DECL(3) QLB_DECL(4)
+void gemm_x_image(torch::Tensor, torch::Tensor);
 
 // x [M, K] (fp16/bf16, or fp32 with nw), tiles int32 [T, S, bits, 32, 4], coef fp32 [T, Lp, 8, 4],
 // out: [M, N] (epi 0, compute dtype), fp32 [M, N] (epi 1), [M, N/2] (epi 2); pdl: programmatic
@@ -55,17 +59,30 @@ void dequant(torch::Tensor tiles, torch::Tensor coef, torch::Tensor out, int64_t
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
 }
 
-// xs: x in slab order [M, S * 256] (fp16 / bf16); out [M, N] ([M, N/2] with glu); cfg: block shape
-// (lowbit_gemm.cu's QLB_GEMM_CONFIGS). Hopper (sm_90a) only.
+// xs: x's image [4 S, Mp, 64] (x_image; fp16 / bf16); m: x's rows; out [M, N] ([M, N/2] with glu);
+// cfg: block shape (lowbit_gemm.cu's QLB_GEMM_CONFIGS). Hopper (sm_90a) only.
 void gemm(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef, torch::Tensor bias, torch::Tensor out,
-          int64_t bits, int64_t n, int64_t log2_spg, bool glu, int64_t cfg) {
+          int64_t bits, int64_t m, int64_t n, int64_t log2_spg, bool glu, int64_t cfg) {
 #if defined(QLB_NO_GEMM)
   TORCH_CHECK(false, "the wgmma GEMM was not built (it needs a Hopper GPU, sm_90a)");
 #else
-  if (bits == 4) gemm_b4(xs, tiles, coef, bias, out, n, log2_spg, glu, cfg);
-  else if (bits == 3) gemm_b3(xs, tiles, coef, bias, out, n, log2_spg, glu, cfg);
-  else if (bits == 2) gemm_b2(xs, tiles, coef, bias, out, n, log2_spg, glu, cfg);
+  TORCH_CHECK(xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf, "gemm: x must be fp16 or bf16");
+  const bool bf = xs.scalar_type() == at::kBFloat16;
+#define QLB_GEMM_B(B) (bf ? gemm_b##B##_bf16 : gemm_b##B##_f16)(xs, tiles, coef, bias, out, m, n, log2_spg, glu, cfg)
+  if (bits == 4) QLB_GEMM_B(4);
+  else if (bits == 3) QLB_GEMM_B(3);
+  else if (bits == 2) QLB_GEMM_B(2);
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
+#undef QLB_GEMM_B
+#endif
+}
+
+// x [M, K] (16-bit) -> out [A, Mp, 64]: x's image for the GEMM (lowbit_gemm.cu's x_image_kernel)
+void x_image(torch::Tensor x, torch::Tensor out) {
+#if defined(QLB_NO_GEMM)
+  TORCH_CHECK(false, "the wgmma GEMM was not built (it needs a Hopper GPU, sm_90a)");
+#else
+  gemm_x_image(x, out);
 #endif
 }
 
@@ -73,6 +90,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv);
   m.def("dequant", &dequant);
   m.def("gemm", &gemm);
+  m.def("x_image", &x_image);
 }
 """
 
@@ -89,7 +107,7 @@ def cuda_kernels_available() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def ext() -> ModuleType:
-    """The compiled extension (functions ``gemv``, ``dequant`` and ``gemm``, see BINDING)."""
+    """The compiled extension (functions ``gemv``, ``dequant``, ``gemm`` and ``x_image``, see BINDING)."""
     return build(SOURCE.read_text())
 
 
@@ -107,9 +125,16 @@ def build(src: str, defines: tuple[str, ...] = (), gemm_src: str | None = None) 
     key = src + gemm_src + BINDING + repr(defines) + repr(hopper)
     name = "qalora_lowbit_" + hashlib.sha256(key.encode()).hexdigest()[:12]
     build_dir = Path(_get_build_directory(name, verbose=False))
-    tu = '#define QLB_TU_BITS {}\n#include "lowbit_cuda.cuh"\n' + ('#include "lowbit_gemm.cuh"\n' if hopper else "")
+    tu = '#define QLB_TU_BITS {}\n#include "lowbit_cuda.cuh"\n'
     texts = {"binding.cpp": ("" if hopper else "#define QLB_NO_GEMM\n") + BINDING, "lowbit_cuda.cuh": src,
              "lowbit_gemm.cuh": gemm_src, **{f"lowbit_b{b}.cu": tu.format(b) for b in BITS}}
+    if hopper:  # the GEMM's kernels, one unit per bit width and activation type (x_image in one of them)
+        for b in BITS:
+            for name, t in (("bf16", "__nv_bfloat16"), ("f16", "__half")):
+                texts[f"gemm_b{b}_{name}.cu"] = (
+                    f"#define QLB_TU_GEMM {t}\n#define QLB_TU_GEMM_NAME _{name}\n"
+                    + ("#define QLB_TU_X_IMAGE\n" if (b, name) == (4, "bf16") else "")
+                    + tu.format(b) + '#include "lowbit_gemm.cuh"\n')
     for fname, text in texts.items():  # rewritten only when changed: a newer file makes ninja rebuild
         f = build_dir / fname
         if not f.is_file() or f.read_text() != text:

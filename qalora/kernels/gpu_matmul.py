@@ -160,20 +160,19 @@ def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
 
 
 # lowbit_gemm.cu's block shapes by index: (x rows BN, warpgroups WG (64 weight rows each), slabs of 16
-# columns per k-block KBS, shared-memory ring slots NS)
-GEMM_CONFIGS = {0: (128, 2, 8, 4), 1: (256, 2, 4, 4), 2: (128, 2, 4, 4), 3: (64, 2, 8, 4), 4: (128, 1, 4, 4)}
+# columns per k-block KBS, x ring slots NS)
+GEMM_CONFIGS = {0: (256, 2, 4, 4), 1: (128, 2, 8, 4), 2: (256, 2, 4, 3), 3: (64, 2, 8, 4)}
 
 
 def gemm_config(m: int, n: int) -> int:
     """The block shape for x [m, K] against a weight of n rows: the fastest on an H200 on LLaMA-7B shapes
-    (benchmarks/gemm_ab.py, RESULTS round 7): 256 x rows from M = 1024 and for weights of over 16384 rows
-    (gate_up: 222 against 272 us at M = 512), else 128 from M = 384; below that 64 for weights of up to
-    4096 rows (o, down) and 256 for larger ones (qkv)."""
-    if m >= 1024 or (n > 16384 and m >= 256):
-        return 1
-    if m >= 384:
-        return 2
-    return 3 if n <= 4096 else 1
+    (benchmarks/gemm_ab.py, RESULTS round 8): 256 x rows, except for weights of up to 4096 rows below M = 1024,
+    whose 128-row blocks would then fill the GPU in too few waves: 128 x rows (8-slab k-blocks) there, 64
+    up to M = 256 (o, down at M = 512: 44.6 / 110.3 us against 56.2 / 139.2 with 256; at M = 256 37.8 / 92.9
+    with 64 against 43.3 / 110.3 with 128)."""
+    if n <= 4096 and m < 1024:
+        return 3 if m <= 256 else 1
+    return 0
 
 
 def x_slab_order(x: torch.Tensor, steps: int) -> torch.Tensor:
@@ -187,10 +186,34 @@ def x_slab_order(x: torch.Tensor, steps: int) -> torch.Tensor:
     return xs
 
 
+def x_image_reference(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """x [M, K] -> [4 steps, Mp, 64] (Mp: M rounded up to 8), zero padded: x as the bulk wgmma GEMM copies
+    it into shared memory, in torch (lowbit_gemm.cu's x_image_kernel is the GPU's): atom a, row r holds
+    columns 64 a .. 64 a + 63 of ``x_slab_order(x)``, its 16-byte chunk c at chunk c ^ (r % 8) (the
+    128-byte swizzle), so a k-block of 8 r.. rows is one contiguous run."""
+    m = x.shape[0]
+    mp = -(-m // 8) * 8
+    xs = F.pad(x_slab_order(x, steps), (0, 0, 0, mp - m)).view(mp // 8, 8, 4 * steps, 8, 8)
+    r = torch.arange(8, device=x.device)
+    swz = r[:, None] ^ r[None, :]  # [r, c'] -> the chunk c stored at c'
+    return xs[:, r[:, None], :, swz].permute(3, 2, 0, 1, 4).reshape(4 * steps, mp, 64)
+
+
+def x_image(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """x [M, K] fp16/bf16 on a Hopper GPU -> its image [4 steps, Mp, 64] (see :func:`x_image_reference`),
+    one pass of 16-byte loads and stores."""
+    m, k = x.shape
+    if k % 8:
+        x = F.pad(x, (0, 8 - k % 8))
+    out = x.new_empty(4 * steps, -(-m // 8) * 8, 64)
+    ext().x_image(_aligned(x), out)
+    return out
+
+
 def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None) -> torch.Tensor:
     """x [M, K] fp16/bf16 -> [M, N] (or silu(gate) * up [M, N/2]) through the wgmma dequant-GEMM
-    (Hopper only): one pass putting x in slab order, then the GEMM with block shape ``cfg``
-    (``GEMM_CONFIGS``; default :func:`gemm_config`)."""
+    (Hopper only): one pass laying x out as the kernel copies it (:func:`x_image`), then the GEMM with
+    block shape ``cfg`` (``GEMM_CONFIGS``; default :func:`gemm_config`)."""
     if x.shape[1] != pw.in_features:
         raise ValueError(f"x {tuple(x.shape)} does not match D_in={pw.in_features}")
     if pw.tiles is None:
@@ -198,18 +221,22 @@ def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None) -> t
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x must be fp16 or bf16, not {x.dtype}")
     m = x.shape[0]
-    out = torch.empty(m, pw.out_features // 2 if pw.glu else pw.out_features, device=x.device, dtype=x.dtype)
-    xs = x_slab_order(x, pw.tiles.shape[1])
-    bias = pw.bias if pw.bias is not None else _empty(x.device)
     cfg = gemm_config(m, pw.out_features) if cfg is None else cfg
-    ext().gemm(xs, pw.tiles, pw.coef, bias, out, pw.bits, pw.out_features, pw.log2_spg, pw.glu, cfg)
+    if cfg not in GEMM_CONFIGS:
+        raise ValueError(f"no block shape {cfg}: valid are {sorted(GEMM_CONFIGS)}")
+    out = torch.empty(m, pw.out_features // 2 if pw.glu else pw.out_features, device=x.device, dtype=x.dtype)
+    xs = x_image(x, pw.tiles.shape[1])
+    bias = pw.bias if pw.bias is not None else _empty(x.device)
+    ext().gemm(xs, pw.tiles, pw.coef, bias, out, pw.bits, m, pw.out_features, pw.log2_spg, pw.glu, cfg)
     return out
 
 
-# The large-M path ``auto`` takes (H200, LLaMA-7B shapes, benchmarks/gemm_ab.py, RESULTS round 7): dequantize +
-# cuBLAS, except for GLU weights, where the wgmma GEMM (silu(gate) * up in its epilogue) took 0.78-0.96x
-# the time of dequantize + cuBLAS + the activation (gate_up, M = 256-2048); on qkv, o and down it is
-# 1.3-1.8x slower.
+# The large-M path ``auto`` takes (H200, LLaMA-7B shapes, benchmarks/gemm_ab.py and decode_ab.py, RESULTS
+# round 8): dequantize + cuBLAS, except for GLU weights, where the wgmma GEMM (silu(gate) * up in its
+# epilogue) takes 0.65-0.82x the time of dequantize + cuBLAS + the activation (gate_up, M = 256-2048). On
+# qkv it ties with dequantize + cuBLAS (0.74-1.13x the time at M = 256-2048, varying between runs), on o
+# and down it is 1.1-1.6x slower; prefill of 2048 tokens: 59.60 ms this way, 61.00 with the wgmma GEMM on
+# every layer.
 LARGE_M_AUTO = "dequant"
 GLU_AUTO = "wgmma"
 

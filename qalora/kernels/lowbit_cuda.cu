@@ -530,7 +530,8 @@ __global__ void __launch_bounds__(128) dequant_kernel(const uint4* __restrict__ 
 }  // namespace qlb
 
 #ifdef QLB_TU_BITS
-// One translation unit per bit width (cuda_ext.py builds three in parallel): host launchers.
+// One translation unit per bit width (cuda_ext.py builds them in parallel): host launchers. The wgmma
+// GEMM's units (QLB_TU_GEMM: one per bit width and activation type) take only smem_optin from here.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/extension.h>
@@ -569,6 +570,11 @@ int smem_optin(const void* kern) {
   }
   return dyn;
 }
+
+}  // namespace
+
+#ifndef QLB_TU_GEMM
+namespace {
 
 // Tiles per block (the kernel's R) by row count: the activation fragments (and group sums) a warp
 // loads serve R tiles. R = 2 measured best on an H200 at M >= 8 (benchmarks/RESULTS.md, round 3:
@@ -719,4 +725,5 @@ void QLB_CAT(dequant_b, QLB_TU_BITS)(torch::Tensor tiles, torch::Tensor coef, to
   else launch_dequant(tiles, coef, out.data_ptr<float>(), N, K, log2_spg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-#endif
+#endif  // QLB_TU_GEMM
+#endif  // QLB_TU_BITS

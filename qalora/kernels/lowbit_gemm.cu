@@ -1,19 +1,19 @@
 // Large-M fused dequant-GEMM for the tile layout (qalora/kernels/layout.py), sm_90a: the codes are
 // dequantized in registers straight into wgmma's A operand (the weight, 64 rows per warpgroup), x is the
-// B operand in shared memory (x first put in slab order, gpu_matmul.x_slab_order). The bf16/fp16 weight
-// is never written anywhere; each weight element is s q + (-s z) in fp32 rounded once to T
-// (dequant_slab), as dequantize-then-cuBLAS rounds it, so y matches that path up to the order of the sums.
+// B operand in shared memory (x first laid out as the kernel copies it, gpu_matmul.x_image). The
+// bf16/fp16 weight is never written anywhere; each weight element is s q + (-s z) in fp32 rounded once to
+// T (dequant_slab), as dequantize-then-cuBLAS rounds it, so y matches that path up to the order of the sums.
 //
-// Included after lowbit_cuda.cu (Num, pair, cp_async16/commit/wait, ld_stream) by each translation unit.
+// Included after lowbit_cuda.cu (Num, pair) by each of the GEMM's translation units.
 //
 // Why A = weight: wgmma takes A from registers, B only from shared memory. A weight dequantized in
 // registers as B must first be stored to shared memory behind a barrier (the Triton version,
 // lowbit_gemm_triton.py: 1.4-2.4x slower than dequantize + cuBLAS). As A, the lane's layout words are
 // its A fragment already: warp w of a warpgroup holds rows 16 w .. 16 w + 15, the m16n8k16 A layout,
 // which is this warp's 16-row tile. The k order of a fragment is the layout's: k slots 2 t + 8 h + {0, 1}
-// of slab (sp, f) are columns 32 sp + 8 t + 4 f + 2 h + {0, 1}. So x is first copied into that order
-// (slab order: within each 32 columns, (f, h, t, j) <- (t, f, h, j)), one pass over x that lets every
-// block stage 16-byte rows of its core matrices with plain 16-byte copies.
+// of slab (sp, f) are columns 32 sp + 8 t + 4 f + 2 h + {0, 1}. So x is first put in that order (slab
+// order: within each 32 columns, (f, h, t, j) <- (t, f, h, j)) and in the 128-byte swizzle of shared
+// memory (x_image_kernel): one pass over x after which every load of the GEMM is one bulk copy.
 
 #include <type_traits>
 
@@ -93,8 +93,6 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-// shared memory written by cp.async (the generic proxy) and read next by wgmma (the async proxy)
-__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // the compiler must not move accumulator reads or writes across the asynchronous wgmma region
 template <int R>
 __device__ __forceinline__ void acc_fence(float (&d)[R]) {
@@ -102,7 +100,7 @@ __device__ __forceinline__ void acc_fence(float (&d)[R]) {
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-// Matrix descriptor of a K-major operand in the 128-byte swizzle layout (x_slot's): rows of 128 bytes
+// Matrix descriptor of a K-major operand in the 128-byte swizzle layout (x_image's): rows of 128 bytes
 // (64 columns), 16-byte chunk c of row r stored at chunk c ^ (r % 8), 8-row groups 1024 bytes apart
 // (SBO), atoms 1024-byte aligned. A k16 slab is 32 bytes of each row: its descriptor starts 32 bytes
 // further per slab, the hardware applying the swizzle to the full address. (Without swizzle, core
@@ -113,50 +111,44 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
   return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | hi;
 }
 
-// 16-byte cp.async; zeros where !ok
-__device__ __forceinline__ void cp_async16z(uint32_t smem, const void* gmem, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(ok ? 16 : 0) : "memory");
+// mbarriers (one phase per fill of a ring slot) and the bulk copy engine (cp.async.bulk: one thread
+// asks for a contiguous run of bytes, the copy completes on an mbarrier by its byte count)
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// the inits visible to the async proxy (the bulk copies completing on them)
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{.reg .pred p;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT;}" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
+constexpr int GEMM_CODE_SLOTS = 2;  // gemm_kernel's code ring: steps in shared memory
+
 struct GemmArgs {
-  const void* x;       // x in slab order (x_slab_order), T [M, S * 256], row stride a multiple of 8
+  const void* x;       // x's image (x_image_kernel), T [4 S, Mp, 64]
   const uint4* tiles;  // uint4 [T, S, BITS, 32]
   const float4* coef;  // float4 [T, Lp, 8]
   const float* bias;   // [N] or null
   void* out;           // T [M, N], or [M, N/2] with glu
-  int M, N, S, Lp, log2_spg, ntiles;
-  long long stride_xm, stride_om;
+  int M, Mp, N, S, Lp, log2_spg, ntiles;  // Mp: M rounded up to 8 (x_image)
+  long long stride_om;
   bool glu;
 };
 
-// k-block kb (KBS slabs of 16 columns) of x rows m0 .. m0 + BN - 1 into slot, as wgmma's B operand:
-// KBS / 4 atoms of 64 columns, each BN rows of 128 bytes in the 128-byte swizzle (desc_sw128): chunk c
-// (8 columns) of row r of atom at at byte
-//   at BN 128 + r 128 + 16 (c ^ (r % 8)).
-// x is in slab order, so a slab's 16 k slots are 32 contiguous bytes of it. Thread i copies chunk
-// (8-row group, chunk of the k-block) ((i >> 3) + 16 WG j) of row i % 8: eight lanes fill eight rows'
-// chunks, one in each 16-byte bank group; four chunks of a row lie side by side in memory.
-template <typename T, int BN, int WG, int KBS>
-__device__ __forceinline__ void load_x(const GemmArgs& a, uint32_t slot, int m0, int kb) {
-  constexpr int CPR = 2 * KBS;                // 16-byte chunks per row of a k-block
-  constexpr int NS8 = 16 * WG / CPR;          // 8-row groups advanced per round
-  constexpr int PER = BN / 8 / NS8;           // rounds
-  static_assert((16 * WG) % CPR == 0 && (BN / 8) % NS8 == 0, "block shape");
-  const int r = threadIdx.x & 7, c8 = threadIdx.x >> 3;
-  const int ch = c8 % CPR, n80 = c8 / CPR;
-  const int row = m0 + 8 * n80 + r;
-  const T* src = reinterpret_cast<const T*>(a.x) + static_cast<long long>(row) * a.stride_xm + kb * 16 * KBS + 8 * ch;
-  const uint32_t dst = slot + (ch >> 3) * BN * 128 + (8 * n80 + r) * 128 + (((ch & 7) ^ r) << 4);
-#pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    const bool ok = row + 8 * NS8 * j < a.M;
-    cp_async16z(dst + j * NS8 * 1024, ok ? src + 8LL * NS8 * j * a.stride_xm : a.x, ok);
-  }
-}
-
 // A fragment of slab sl (span sl / 2, fragment sl % 2) of the lane's step words w: T pairs of
 // s q + (-s z) in fp32, rounded once; c = the span's group coefficients with -1024 s folded into the
-// zero term (load_step). The codes arrive as fp16 1024 + q (one LOP3 per pair), which one FMA per value
+// zero term (lds_step). The codes arrive as fp16 1024 + q (one LOP3 per pair), which one FMA per value
 // takes as they are: s (1024 + q) + (-s z - 1024 s), the fold's fp32 rounding ~1e-4 of a bf16 step
 // (H200, LLaMA shapes: the same output bits as recovering q first; 0-8% faster, round 7).
 template <typename T, int BITS>
@@ -180,24 +172,6 @@ __device__ __forceinline__ void dequant_block(const uint32_t* w, const float4 (&
   }
 }
 
-// One step's codes (BITS uint4 per lane) and its NG groups' coefficients (rows g, g + 8), folded.
-template <int BITS, int NG>
-__device__ __forceinline__ void load_step(const GemmArgs& a, const uint4* wsrc, const float4* csrc, int s,
-                                          uint32_t (&w)[4 * BITS], float4 (&cf)[NG]) {
-#pragma unroll
-  for (int j = 0; j < BITS; ++j) {
-    const uint4 v = ld_stream(wsrc + (s * BITS + j) * 32);
-    w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
-  }
-  const int g0 = (s * 8) >> a.log2_spg;
-#pragma unroll
-  for (int j = 0; j < NG; ++j) {
-    cf[j] = __ldg(csrc + (g0 + j) * 8);
-    cf[j].y = fmaf(-1024.f, cf[j].x, cf[j].y);  // dequant_slab's fold
-    cf[j].w = fmaf(-1024.f, cf[j].z, cf[j].w);
-  }
-}
-
 // Queue a k-block's KBS wgmmas (A fragments av, x k-block at shared address xb) as one commit group.
 template <typename T, int BN, int KBS>
 __device__ __forceinline__ void issue_kblock(float (&acc)[BN / 2], const uint32_t (&av)[KBS][4], uint32_t xb) {
@@ -208,118 +182,235 @@ __device__ __forceinline__ void issue_kblock(float (&acc)[BN / 2], const uint32_
   wgmma_commit();
 }
 
-// y [M, N] = x [M, K] W^T (+ bias), or silu(gate) * up [M, N/2] (glu).
-// grid (cdiv(M, BN), cdiv(#tiles, 4 WG)), block 128 WG: warpgroup wg takes the 64 rows of tiles
-// 4 (WG y + wg) .. +3 (warp w: tile 4 WG y + w) against BN rows of x. Blocks along x share one block of
-// weights and run side by side, so it is read from HBM about once. The K loop runs over k-blocks of
-// 16 KBS columns: x staged in an NS-slot ring by cp.async, NS - 1 k-blocks ahead; a k-block's KBS
-// wgmmas are issued back to back while the next k-block's A fragments are dequantized into the other
-// half of a register double buffer; the next step's codes (256 columns) are loaded into the same
-// registers once the step's last k-block is decoded, a k-block ahead (a second buffer spilled at 256 x
-// rows). L2S: log2 of the spans of 32 columns per group, capped at 3 (one group per step or more: NG = 1).
-template <typename T, int BITS, int BN, int WG, int KBS, int NS, int L2S>
-__global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
-  constexpr int NG = L2S >= 3 ? 1 : 8 >> L2S;  // groups per step
-  constexpr int SLOT = BN * KBS * 32;          // bytes of one k-block of x
-  constexpr int KBPS = 16 / KBS;               // k-blocks per step
-  static_assert(KBS % 4 == 0 && 16 % KBS == 0 && NS >= 3, "KBS: whole 64-column atoms dividing a step; NS >= 3");
-  extern __shared__ __align__(1024) char smem_raw[];
-  // swizzle atoms must sit on 1024-byte boundaries (the launcher allocates 1 KB extra)
-  const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int m0 = blockIdx.x * BN;
-  const int tile = blockIdx.y * 4 * WG + warp;
-  const int tl = min(tile, a.ntiles - 1);  // tiles past the last re-read it and store nothing
-  const uint4* wsrc = a.tiles + static_cast<size_t>(tl) * a.S * BITS * 32 + lane;
-  const float4* csrc = a.coef + static_cast<size_t>(tl) * a.Lp * 8 + g;
-  const int nkb = a.S * KBPS;
-
-#pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < nkb) load_x<T, BN, WG, KBS>(a, smem + i * SLOT, m0, i);
-    cp_commit();
-  }
-  float acc[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-  acc_fence(acc);
-  uint32_t w[4 * BITS];     // the codes of the step being dequantized
-  float4 cf[NG];
-  uint32_t av[2][KBS][4];  // A fragments of two k-blocks: one read by wgmmas in flight, one being written
-  load_step<BITS, NG>(a, wsrc, csrc, 0, w, cf);
-  dequant_block<T, BITS, KBS, L2S>(w, cf, 0, av[0]);
-  cp_wait_pending(NS - 2);  // k-block 0 of x has landed
-  fence_async_smem();
-  __syncthreads();
-
-  for (int s = 0; s < a.S; ++s) {
-#pragma unroll
-    for (int kbl = 0; kbl < KBPS; ++kbl) {
-      const int kb = s * KBPS + kbl;
-      issue_kblock<T, BN, KBS>(acc, av[kbl & 1], smem + (kb % NS) * SLOT);
-      // while they run: k-block kb + 1's A fragments, where k-block kb - 1's were (wait for its wgmmas)
-      if (kbl + 1 < KBPS || s + 1 < a.S) {
-        wgmma_wait<1>();
-        dequant_block<T, BITS, KBS, L2S>(w, cf, ((kbl + 1) % KBPS) * KBS, av[(kbl + 1) & 1]);
-        // the step's last k-block decoded: the next step's codes go to the same registers
-        if (kbl + 2 == KBPS && s + 1 < a.S) load_step<BITS, NG>(a, wsrc, csrc, s + 1, w, cf);
-      }
-      // x k-block kb + 1 landed for everyone; every warpgroup is past k-block kb - 1, so its slot takes
-      // k-block kb + NS - 1
-      cp_wait_pending(NS - 3);
-      fence_async_smem();
-      __syncthreads();
-      if (kb + NS - 1 < nkb) load_x<T, BN, WG, KBS>(a, smem + ((kb + NS - 1) % NS) * SLOT, m0, kb + NS - 1);
-      cp_commit();
-    }
-  }
-  wgmma_wait<0>();
-  acc_fence(acc);
-
-  // acc[4 j + e]: weight row 16 tile + g + 8 (e >> 1), x row m0 + 8 j + 2 t + (e & 1)
-  if (tile >= a.ntiles) return;
-  const int row0 = tile * 16 + g;
+// The block's output tile out[m0 .. m0 + BN - 1, n0 .. n0 + OC - 1] (+ bias, GLU) through shared memory
+// stage (free once every wgmma is done): first each lane's accumulators, acc[4 j + e] = weight row
+// 16 (tile0 + warp) + g + 8 (e >> 1), x row m0 + 8 j + 2 t + (e & 1), as T in [x row][column] order, then
+// 16-byte stores along out's rows. (Stored straight from the fragments, 8 lanes wrote 16 bytes per x
+// row: half of every 32-byte sector, ncu's top finding on the kernel, round 8.)
+template <typename T, int BN, int WG>
+__device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[BN / 2], char* stage, int tile0,
+                                          int m0, int warp, int g, int t) {
+  constexpr int WR = 64 * WG;          // weight rows of the block
+  constexpr int LD = WR + 8;           // staged row stride (elements): x rows 2 apart fall 8 banks apart
+  const int oc = a.glu ? WR / 2 : WR;  // output columns of the block
+  const int n0 = tile0 * (a.glu ? 8 : 16), nout = a.glu ? a.N / 2 : a.N;
+  const int row0 = (tile0 + warp) * 16 + g;
   float b0 = 0.f, b1 = 0.f;
   if (a.bias != nullptr) {
     if (row0 < a.N) b0 = a.bias[row0];
     if (row0 + 8 < a.N) b1 = a.bias[row0 + 8];
   }
-  T* out = reinterpret_cast<T*>(a.out);
+  T* st = reinterpret_cast<T*>(stage);
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      const int m = m0 + 8 * j + 2 * t + c;
-      if (m >= a.M) continue;
+      T* r = st + (8 * j + 2 * t + c) * LD;
       const float y0 = acc[4 * j + c] + b0, y1 = acc[4 * j + 2 + c] + b1;
-      if (a.glu) {  // rows g (gate) and g + 8 (up) of the tile: output 8 tile + g
-        if (tile * 8 + g < a.N / 2) out[m * a.stride_om + tile * 8 + g] = Num<T>::from(y0 / (1.f + __expf(-y0)) * y1);
+      if (a.glu) {  // rows g (gate) and g + 8 (up) of the tile: output column 8 tile + g
+        r[warp * 8 + g] = Num<T>::from(y0 / (1.f + __expf(-y0)) * y1);
       } else {
-        if (row0 < a.N) out[m * a.stride_om + row0] = Num<T>::from(y0);
-        if (row0 + 8 < a.N) out[m * a.stride_om + row0 + 8] = Num<T>::from(y1);
+        r[warp * 16 + g] = Num<T>::from(y0);
+        r[warp * 16 + g + 8] = Num<T>::from(y1);
       }
     }
+  }
+  __syncthreads();
+  T* out = reinterpret_cast<T*>(a.out);
+  const bool vec = (a.stride_om % 8 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
+  const int cpr = oc / 8;  // 16-byte chunks per x row
+  for (int i = threadIdx.x; i < BN * cpr; i += blockDim.x) {
+    const int xr = i / cpr, n = n0 + 8 * (i % cpr), m = m0 + xr;
+    if (m >= a.M || n >= nout) continue;
+    const T* src = st + xr * LD + 8 * (i % cpr);
+    T* dst = out + static_cast<long long>(m) * a.stride_om + n;
+    if (vec && n + 8 <= nout) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < 8 && n + e < nout; ++e) dst[e] = src[e];
+    }
+  }
+}
+
+
+// One step's codes (BITS uint4 per lane) and its NG groups' coefficients (rows g, g + 8) of the lane's tile
+// from shared memory (a slot of gemm_kernel's code ring: BITS x 32 uint4 of codes, then NG x 8 float4 of
+// coefficients), -1024 s folded into the zero terms (dequant_slab).
+template <int BITS, int NG>
+__device__ __forceinline__ void lds_step(uint32_t src, int lane, int g, uint32_t (&w)[4 * BITS], float4 (&cf)[NG]) {
+#pragma unroll
+  for (int j = 0; j < BITS; ++j)
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(w[4 * j]), "=r"(w[4 * j + 1]), "=r"(w[4 * j + 2]), "=r"(w[4 * j + 3])
+                 : "r"(src + (j * 32 + lane) * 16));
+#pragma unroll
+  for (int j = 0; j < NG; ++j) {
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(cf[j].x), "=f"(cf[j].y), "=f"(cf[j].z), "=f"(cf[j].w)
+                 : "r"(src + BITS * 512 + (j * 8 + g) * 16));
+    cf[j].y = fmaf(-1024.f, cf[j].x, cf[j].y);
+    cf[j].w = fmaf(-1024.f, cf[j].z, cf[j].w);
+  }
+}
+
+// y [M, N] = x [M, K] W^T (+ bias), or silu(gate) * up [M, N/2] (glu).
+// grid (cdiv(M, BN), cdiv(#tiles, 4 WG)), block 128 WG: warpgroup wg takes the 64 rows of tiles
+// 4 (WG y + wg) .. +3 (warp w: tile 4 WG y + w) against BN rows of x. Blocks along x share one block of
+// weights and run side by side, so it is read from HBM about once. The K loop runs over k-blocks of
+// 16 KBS columns; a k-block's KBS wgmmas are issued back to back while the next k-block's A fragments
+// are dequantized into the other half of a register double buffer.
+// Every load is a bulk copy (cp.async.bulk) that one thread asks for, completing on the slot's mbarrier:
+// x's k-blocks (its image: a k-block of BN rows is one contiguous run per 64-column atom, landing in the
+// 128-byte swizzle) in an NS-slot ring, NS - 1 k-blocks ahead; the codes and coefficients of the block's
+// tiles, a whole 256-column step per slot, in a ring of CS slots, CS steps ahead, read into registers
+// (lds_step) a k-block before the step starts. Against cp.async of x in slab order (16-byte copies with
+// per-thread addresses and row predicates, codes loaded from global memory a k-block ahead; round 7),
+// the loop lost half its instructions and LLaMA-7B shapes at M = 2048 ran 1.14-1.38x faster (H200,
+// round 8). L2S: log2 of the spans of 32 columns per group, capped at 3 (one group per step or more).
+template <typename T, int BITS, int BN, int WG, int KBS, int NS, int L2S>
+__global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
+  constexpr int NG = L2S >= 3 ? 1 : 8 >> L2S;  // groups per step
+  constexpr int SLOT = BN * KBS * 32;          // bytes of one k-block of x
+  constexpr int KBPS = 16 / KBS;               // k-blocks per step
+  constexpr int CS = GEMM_CODE_SLOTS;          // code ring slots (steps)
+  constexpr int TPB = 4 * WG;                  // tiles per block
+  constexpr int TSLOT = BITS * 512 + NG * 128; // one tile's codes + coefficients of a step
+  constexpr int CSLOT = TPB * TSLOT;
+  static_assert(KBS % 4 == 0 && 16 % KBS == 0 && KBS <= 8 && NS >= 3, "KBS: 4 or 8; NS >= 3");
+  extern __shared__ __align__(1024) char smem_raw[];
+  const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const uint32_t cring = smem + NS * SLOT, bars = cring + CS * CSLOT;  // x ring, code ring, mbarriers
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * BN, tile0 = blockIdx.y * TPB;
+  const int nkb = a.S * KBPS;
+  const uint32_t xbytes = static_cast<uint32_t>(min(BN, a.Mp - m0)) * 128;  // per atom: rows past Mp stay stale
+
+  auto load_x = [&](int kb) {  // k-block kb into slot kb % NS
+    const uint32_t bar = bars + 8 * (kb % NS);
+    mbar_expect_tx(bar, KBS / 4 * xbytes);
+#pragma unroll
+    for (int at = 0; at < KBS / 4; ++at)
+      bulk_copy(smem + (kb % NS) * SLOT + at * BN * 128,
+                reinterpret_cast<const T*>(a.x) + (static_cast<long long>(kb * (KBS / 4) + at) * a.Mp + m0) * 64,
+                xbytes, bar);
+  };
+  auto load_codes = [&](int s) {  // step s of the block's tiles into slot s % CS
+    const uint32_t bar = bars + 8 * (NS + s % CS), dst = cring + (s % CS) * CSLOT;
+    const int g0 = (s * 8) >> a.log2_spg;
+    mbar_expect_tx(bar, CSLOT);
+#pragma unroll
+    for (int j = 0; j < TPB; ++j) {
+      const int tl = min(tile0 + j, a.ntiles - 1);  // tiles past the last re-read it and store nothing
+      bulk_copy(dst + j * TSLOT, a.tiles + (static_cast<size_t>(tl) * a.S + s) * BITS * 32, BITS * 512, bar);
+      bulk_copy(dst + j * TSLOT + BITS * 512, a.coef + (static_cast<size_t>(tl) * a.Lp + g0) * 8, NG * 128, bar);
+    }
+  };
+  const bool leader = threadIdx.x == 0;
+  if (leader) {
+#pragma unroll
+    for (int i = 0; i < NS + CS; ++i) mbar_init(bars + 8 * i, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (leader) {
+    for (int i = 0; i < NS - 1 && i < nkb; ++i) load_x(i);
+    for (int i = 0; i < CS && i < a.S; ++i) load_codes(i);
+  }
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  acc_fence(acc);
+  uint32_t w[4 * BITS];
+  float4 cf[NG];
+  uint32_t av[2][KBS][4];
+  mbar_wait(bars + 8 * NS, 0);
+  lds_step<BITS, NG>(cring + warp * TSLOT, lane, g, w, cf);
+  dequant_block<T, BITS, KBS, L2S>(w, cf, 0, av[0]);
+
+  for (int s = 0; s < a.S; ++s) {
+#pragma unroll
+    for (int kbl = 0; kbl < KBPS; ++kbl) {
+      const int kb = s * KBPS + kbl;
+      mbar_wait(bars + 8 * (kb % NS), (kb / NS) & 1);
+      issue_kblock<T, BN, KBS>(acc, av[kbl & 1], smem + (kb % NS) * SLOT);
+      if (kbl + 1 < KBPS || s + 1 < a.S) {
+        wgmma_wait<1>();
+        dequant_block<T, BITS, KBS, L2S>(w, cf, ((kbl + 1) % KBPS) * KBS, av[(kbl + 1) & 1]);
+        if (kbl + 2 == KBPS && s + 1 < a.S) {  // the step's last k-block decoded: the next step's codes
+          const int c = (s + 1) % CS;
+          mbar_wait(bars + 8 * (NS + c), ((s + 1) / CS) & 1);
+          lds_step<BITS, NG>(cring + c * CSLOT + warp * TSLOT, lane, g, w, cf);
+        }
+      }
+      // every warpgroup is past k-block kb - 1's wgmmas (its slot takes k-block kb + NS - 1) and, at the
+      // step's k-block KBPS - 2, past reading step s + 1's codes (their slot takes step s + 1 + CS). (Per-slot
+      // "empty" mbarriers instead, each warp releasing a slot and only the copying thread waiting: the same
+      // time in one run, 5-12% slower than this across runs; round 8.)
+      __syncthreads();
+      if (leader) {
+        if (kb + NS - 1 < nkb) load_x(kb + NS - 1);
+        if (kb == 0 && CS < a.S) load_codes(CS);  // step 0's slot, read before the loop
+        if (kbl + 2 == KBPS && s + 1 + CS < a.S) load_codes(s + 1 + CS);
+      }
+    }
+  }
+  wgmma_wait<0>();
+  acc_fence(acc);
+  static_assert(BN * (64 * WG + 8) * sizeof(T) <= NS * SLOT + CS * CSLOT, "the output tile must fit the rings");
+  __syncthreads();  // every warpgroup's wgmmas are done: the rings take the output tile
+  store_out<T, BN, WG>(a, acc, smem_raw + (smem - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw))), tile0,
+                       m0, warp, g, t);
+}
+
+// x [M, K] (16-bit, rows 16-byte aligned, K % 8 == 0) -> its image for gemm_kernel, T [A, Mp, 64]
+// (A = 4 S atoms of 64 columns, Mp = M rounded up to 8, zeros past M and K): row r of atom at holds
+// x's columns 64 at .. + 63 in slab order (within 32 columns, 4-byte word 4 t + d -> chunk d, word t),
+// its 16-byte chunk c stored at c ^ (r % 8), as the 128-byte swizzle puts it in shared memory
+// (desc_sw128). A block moves 32 rows x 8 atoms through shared memory: 16-byte loads along x's rows,
+// 16-byte stores along each atom's 4 KB (a thread per row and atom, its 128 bytes in registers, ran
+// 1.2-1.6 TB/s on an H200, round 8). Internal linkage: every GEMM unit includes it, one launches it.
+static __global__ void __launch_bounds__(256) x_image_kernel(const uint4* __restrict__ x, uint4* __restrict__ out,
+                                                             int M, int Mp, int K, long long stride16, int atoms) {
+  __shared__ __align__(16) uint32_t tile[32][8 * 32 + 4];  // 32 rows x 8 atoms x 32 words; + 4: rows 4 banks apart
+  const int r0 = blockIdx.x * 32, a0 = blockIdx.y * 8;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {  // chunk i of the block: row i / 64, chunk i % 64 of its 8 atoms
+    const int i = threadIdx.x + 256 * k, r = i / 64, c = i % 64, row = r0 + r, col = (a0 * 8 + c) * 8;
+    const uint4 v = row < M && col < K ? x[row * stride16 + col / 8] : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(&tile[r][4 * c]) = v;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {  // output chunk i: atom i / 256, row (i / 8) % 32, stored chunk i % 8
+    const int i = threadIdx.x + 256 * k, a = i / 256, r = (i / 8) % 32, cs = i % 8, row = r0 + r;
+    if (row >= Mp || a0 + a >= atoms) continue;
+    const int c = cs ^ (row & 7), h = c >> 2, d = c & 3;  // logical chunk c: words d of source chunks 4 h + t
+    const uint32_t* sw = &tile[r][32 * a + 16 * h + d];
+    out[(static_cast<long long>(a0 + a) * Mp + row) * 8 + cs] = make_uint4(sw[0], sw[4], sw[8], sw[12]);
   }
 }
 
 }  // namespace qlb
 
-#ifdef QLB_TU_BITS
+#if defined(QLB_TU_BITS) && defined(QLB_TU_GEMM)
 namespace {
 
 // Block shapes the launcher can take, by index (benchmarks/gemm_ab.py sweeps them):
-//   X(index, BN x rows, WG warpgroups (64 weight rows each), KBS slabs per k-block, NS ring slots)
+//   X(index, BN x rows, WG warpgroups (64 weight rows each), KBS slabs per k-block, NS x ring slots)
 #define QLB_GEMM_CONFIGS(X) \
-  X(0, 128, 2, 8, 4)        \
-  X(1, 256, 2, 4, 4)        \
-  X(2, 128, 2, 4, 4)        \
-  X(3, 64, 2, 8, 4)         \
-  X(4, 128, 1, 4, 4)
+  X(0, 256, 2, 4, 4)        \
+  X(1, 128, 2, 8, 4)        \
+  X(2, 256, 2, 4, 3)        \
+  X(3, 64, 2, 8, 4)
 
 template <typename T, int BN, int WG, int KBS, int NS>
 void launch_gemm_cfg(const qlb::GemmArgs& a) {
   constexpr int BITS = QLB_TU_BITS;
-  const int smem = NS * BN * KBS * 32 + 1024;  // + alignment of the swizzle atoms
+  const int ng = a.log2_spg >= 3 ? 1 : 8 >> a.log2_spg;  // groups per step
+  const int smem = NS * BN * KBS * 32 + 1024  // x ring + alignment of the swizzle atoms
+                   + qlb::GEMM_CODE_SLOTS * 4 * WG * (BITS * 512 + ng * 128)  // code ring
+                   + (NS + qlb::GEMM_CODE_SLOTS) * 8;                          // mbarriers
   const dim3 grid((a.M + BN - 1) / BN, (a.ntiles + 4 * WG - 1) / (4 * WG)), block(128 * WG);
   TORCH_CHECK(grid.y <= 65535, "gemm: too many weight rows for one launch");
   auto go = [&](auto kern) {
@@ -335,11 +426,10 @@ void launch_gemm_cfg(const qlb::GemmArgs& a) {
   }
 }
 
-template <typename T>
 void launch_gemm(const qlb::GemmArgs& a, int cfg) {
   switch (cfg) {
 #define QLB_GEMM_CASE(I, BN, WG, KBS, NS) \
-  case I: launch_gemm_cfg<T, BN, WG, KBS, NS>(a); break;
+  case I: launch_gemm_cfg<QLB_TU_GEMM, BN, WG, KBS, NS>(a); break;
     QLB_GEMM_CONFIGS(QLB_GEMM_CASE)
 #undef QLB_GEMM_CASE
     default: TORCH_CHECK(false, "gemm: no block shape ", cfg);
@@ -348,26 +438,47 @@ void launch_gemm(const qlb::GemmArgs& a, int cfg) {
 
 }  // namespace
 
-// xs: x in slab order, [M, S * 256] (fp16 / bf16); out [M, N] (or [M, N / 2] with glu), x's dtype
-void QLB_CAT(gemm_b, QLB_TU_BITS)(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef, torch::Tensor bias,
-                                  torch::Tensor out, int64_t n, int64_t log2_spg, bool glu, int64_t cfg) {
-  TORCH_CHECK(xs.stride(1) == 1 && xs.stride(0) % 8 == 0 && xs.data_ptr() != nullptr &&
-                  reinterpret_cast<uintptr_t>(xs.data_ptr()) % 16 == 0,
-              "gemm: x must have unit column stride, 16-byte aligned rows");
-  TORCH_CHECK(xs.size(1) == tiles.size(1) * 256, "gemm: x must be padded to the layout's ", tiles.size(1) * 256,
-              " columns");
+// One translation unit per bit width and activation type (QLB_TU_GEMM, named by QLB_TU_GEMM_NAME):
+// xs: x's image [4 S, Mp, 64] (x_image); m: x's rows; out [M, N] (or [M, N / 2] with glu), x's dtype
+void QLB_CAT(QLB_CAT(gemm_b, QLB_TU_BITS), QLB_TU_GEMM_NAME)(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef,
+                                                           torch::Tensor bias, torch::Tensor out, int64_t m, int64_t n,
+                                                           int64_t log2_spg, bool glu, int64_t cfg) {
+  TORCH_CHECK(xs.is_contiguous() && xs.dim() == 3 && xs.size(0) == tiles.size(1) * 4 &&
+                  xs.size(1) == (m + 7) / 8 * 8 && xs.size(2) == 64,
+              "gemm: x's image must be a contiguous [", tiles.size(1) * 4, ", ", (m + 7) / 8 * 8, ", 64] (x_image)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(xs.data_ptr()) % 16 == 0, "gemm: x's image must be 16-byte aligned");
+  TORCH_CHECK(out.size(0) == m, "gemm: out must have ", m, " rows");
   qlb::GemmArgs a;
   a.x = xs.data_ptr();
   a.tiles = reinterpret_cast<const uint4*>(tiles.data_ptr());
   a.coef = reinterpret_cast<const float4*>(coef.data_ptr());
   a.bias = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
   a.out = out.data_ptr();
-  a.M = xs.size(0); a.N = n; a.S = tiles.size(1); a.Lp = coef.size(1); a.log2_spg = log2_spg;
+  a.M = m; a.Mp = (m + 7) / 8 * 8; a.N = n; a.S = tiles.size(1); a.Lp = coef.size(1); a.log2_spg = log2_spg;
   a.ntiles = tiles.size(0);
-  a.stride_xm = xs.stride(0); a.stride_om = out.stride(0);
+  a.stride_om = out.stride(0);
   a.glu = glu;
-  if (xs.scalar_type() == at::kBFloat16) launch_gemm<__nv_bfloat16>(a, cfg);
-  else launch_gemm<__half>(a, cfg);
+  launch_gemm(a, cfg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+#ifdef QLB_TU_X_IMAGE  // one definition, in one translation unit
+// x [M, K] (16-bit, unit column stride, 16-byte aligned rows, K % 8 == 0) -> out [A, Mp, 64], x_image_kernel
+void gemm_x_image(torch::Tensor x, torch::Tensor out) {
+  TORCH_CHECK(x.element_size() == 2 && out.element_size() == 2, "x_image: 16-bit x and out");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x_image: x must have unit column stride, K % 8 == 0 and 16-byte aligned rows");
+  const int m = x.size(0), k = x.size(1), mp = (m + 7) / 8 * 8, atoms = out.size(0);
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(1) == mp && out.size(2) == 64 && atoms * 64 >= k,
+              "x_image: out must be a contiguous [A, Mp, 64] covering x");
+  if (mp == 0 || atoms == 0) return;
+  TORCH_CHECK((atoms + 7) / 8 <= 65535, "x_image: too many columns for one launch");
+  const dim3 grid((mp + 31) / 32, (atoms + 7) / 8);
+  qlb::x_image_kernel<<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<uint4*>(out.data_ptr()), m, mp, k,
+      x.stride(0) / 8, atoms);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 #endif

@@ -125,6 +125,23 @@ def test_x_slab_order_moves_each_column_where_the_wgmma_gemm_reads_it():
     assert not xs[:, 320:].any()
 
 
+def test_x_image_puts_each_row_where_the_bulk_copy_lands_it():
+    """x's image for the bulk GEMM: row r of atom a, 16-byte chunk c ^ (r % 8) (the 128-byte swizzle) holds
+    slab-order columns 64 a + 8 c .. + 7; rows up to a multiple of 8 and columns up to whole steps are zeros."""
+    from qalora.kernels.gpu_matmul import x_image_reference, x_slab_order
+
+    x = torch.randn(13, 320, dtype=torch.bfloat16)
+    img = x_image_reference(x, 2)
+    xs = x_slab_order(x, 2)
+    assert img.shape == (8, 16, 64)
+    for a in range(8):
+        for r in range(16):
+            for c in range(8):
+                got = img[a, r, 8 * (c ^ (r % 8)): 8 * (c ^ (r % 8)) + 8]
+                want = xs[r, 64 * a + 8 * c: 64 * a + 8 * c + 8] if r < 13 else torch.zeros(8, dtype=x.dtype)
+                assert torch.equal(got, want), (a, r, c)
+
+
 def test_large_m_path_names_why_wgmma_cannot_run_here():
     """The wgmma GEMM is Hopper code: off a Hopper GPU ``auto`` keeps dequantize + matmul and asking for
     it says what it needs."""

@@ -175,6 +175,18 @@ def test_wgmma_gemm(bits, dtype):
     assert_graph_replays(lambda: out.copy_(gpu_matmul.wgmma_gemm(x, pw)), out, gpu_matmul.wgmma_gemm(x, pw))
 
 
+@pytest.mark.skipif(not _hopper(), reason="the wgmma GEMM needs a Hopper GPU")
+def test_x_image_kernel_matches_reference():
+    """The CUDA pass building x's image for the bulk GEMM gives the torch reference's bits, with partial
+    row groups, K not a multiple of 64 and a strided x."""
+    from qalora.kernels import gpu_matmul
+
+    for m, k in ((1, 256), (13, 320), (300, 1408)):
+        x = torch.randn(m, k + 8, device="cuda", dtype=torch.bfloat16)[:, :k]
+        steps = -(-k // 256)
+        assert torch.equal(gpu_matmul.x_image(x, steps), gpu_matmul.x_image_reference(x, steps)), (m, k)
+
+
 def test_dequant_kernel_exact():
     from qalora.kernels import gpu_matmul
 
