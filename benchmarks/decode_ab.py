@@ -3,8 +3,8 @@
     PYTHONPATH=. python3 benchmarks/decode_ab.py --json OUT.json [--model llama-7b] [--bits 4]
 
 The low-bit decoder with the decode attention's context splits on (auto) with and without its dependent
-launch and off (one program per head, rounds 1-4), then prefill with dequantize + cuBLAS and with the
-wgmma dequant-GEMM (``PREFILL``); bf16 cuBLAS (``dense_cublas``) with the same attention variants and
+launch and off (one program per head, rounds 1-4), then prefill with dequantize + cuBLAS, with the
+wgmma dequant-GEMM and with ``auto``'s mix of the two (``PREFILL``); bf16 cuBLAS (``dense_cublas``) with the same attention variants and
 cuBLAS prefill.
 The same harness as ``qalora bench`` (``time_decode``/``time_prefill``: CUDA-graph replays, context 128,
 64 steps, median of ``--reps``).
