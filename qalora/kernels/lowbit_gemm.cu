@@ -186,7 +186,8 @@ __device__ __forceinline__ void issue_kblock(float (&acc)[BN / 2], const uint32_
 // stage (free once every wgmma is done): first each lane's accumulators, acc[4 j + e] = weight row
 // 16 (tile0 + warp) + g + 8 (e >> 1), x row m0 + 8 j + 2 t + (e & 1), as T in [x row][column] order, then
 // 16-byte stores along out's rows. (Stored straight from the fragments, 8 lanes wrote 16 bytes per x
-// row: half of every 32-byte sector, ncu's top finding on the kernel, round 8.)
+// row, half of every 32-byte sector: ncu's top finding on the kernel; staged, it ran the same time,
+// round 8, and the bounds are tested once per 16-byte chunk.)
 template <typename T, int BN, int WG>
 __device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[BN / 2], char* stage, int tile0,
                                           int m0, int warp, int g, int t) {
@@ -265,7 +266,7 @@ __device__ __forceinline__ void lds_step(uint32_t src, int lane, int g, uint32_t
 // tiles, a whole 256-column step per slot, in a ring of CS slots, CS steps ahead, read into registers
 // (lds_step) a k-block before the step starts. Against cp.async of x in slab order (16-byte copies with
 // per-thread addresses and row predicates, codes loaded from global memory a k-block ahead; round 7),
-// the loop lost half its instructions and LLaMA-7B shapes at M = 2048 ran 1.14-1.38x faster (H200,
+// the loop lost half its instructions and LLaMA-7B shapes at M = 2048 ran 1.10-1.38x faster (H200,
 // round 8). L2S: log2 of the spans of 32 columns per group, capped at 3 (one group per step or more).
 template <typename T, int BITS, int BN, int WG, int KBS, int NS, int L2S>
 __global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
