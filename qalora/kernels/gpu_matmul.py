@@ -190,7 +190,8 @@ def x_image_reference(x: torch.Tensor, steps: int) -> torch.Tensor:
     """x [M, K] -> [4 steps, Mp, 64] (Mp: M rounded up to 8), zero padded: x as the bulk wgmma GEMM copies
     it into shared memory, in torch (lowbit_gemm.cu's x_image_kernel is the GPU's): atom a, row r holds
     columns 64 a .. 64 a + 63 of ``x_slab_order(x)``, its 16-byte chunk c at chunk c ^ (r % 8) (the
-    128-byte swizzle), so a k-block of 8 r.. rows is one contiguous run."""
+    128-byte swizzle): an atom's rows are contiguous, so the GEMM copies a block's k-block as one run
+    per atom."""
     m = x.shape[0]
     mp = -(-m // 8) * 8
     xs = F.pad(x_slab_order(x, steps), (0, 0, 0, mp - m)).view(mp // 8, 8, 4 * steps, 8, 8)
@@ -233,10 +234,9 @@ def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None) -> t
 
 # The large-M path ``auto`` takes (H200, LLaMA-7B shapes, benchmarks/gemm_ab.py and decode_ab.py, RESULTS
 # round 8): dequantize + cuBLAS, except for GLU weights, where the wgmma GEMM (silu(gate) * up in its
-# epilogue) takes 0.65-0.82x the time of dequantize + cuBLAS + the activation (gate_up, M = 256-2048). On
-# qkv it ties with dequantize + cuBLAS (0.74-1.13x the time at M = 256-2048, varying between runs), on o
-# and down it is 1.1-1.6x slower; prefill of 2048 tokens: 59.60 ms this way, 61.00 with the wgmma GEMM on
-# every layer.
+# epilogue) takes 0.62-0.72x the time of dequantize + cuBLAS + the activation (gate_up, M = 256-2048). On
+# qkv it takes 0.74-1.20x dequantize + cuBLAS's time (M = 256-2048, two runs), on o and down 1.0-1.3x;
+# prefill of 2048 tokens: 59.60 ms this way, 61.00 with the wgmma GEMM on every layer.
 LARGE_M_AUTO = "dequant"
 GLU_AUTO = "wgmma"
 
