@@ -177,7 +177,8 @@ def gemm_config(m: int, n: int) -> int:
 
 def x_slab_order(x: torch.Tensor, steps: int) -> torch.Tensor:
     """x [M, K] (K % 32 == 0) -> [M, 256 steps], zero padded, each 32 columns reordered so that the wgmma
-    GEMM's k slots are contiguous (lowbit_gemm.cu): columns 8 t + 4 f + 2 h + j move to 16 f + 8 h + 2 t + j."""
+    GEMM's k slots are contiguous (lowbit_gemm.cu): columns 8 t + 4 f + 2 h + j move to 16 f + 8 h + 2 t + j.
+    The first half of :func:`x_image_reference` (the GPU path does both in one pass, :func:`x_image`)."""
     m, k = x.shape
     xs = x.new_empty(m, steps * 256) if k == steps * 256 else x.new_zeros(m, steps * 256)
     # moved as 4-byte words (column pairs j): word 4 t + 2 f + h of each 16 goes to 8 f + 4 h + t
