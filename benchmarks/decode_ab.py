@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from qalora.bench import copy_bandwidth, time_decode, time_prefill  # noqa: E402
 from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
+from qalora.kernels import gpu_matmul  # noqa: E402
 from qalora.kernels.gpu_matmul import wgmma_available  # noqa: E402
 
 ATTN = {"split+pdl": (None, True), "split": (None, False), "one program per head": (1, False)}
@@ -31,15 +32,21 @@ PREFILL = ("dequant", "wgmma", "auto")  # the low-bit decoder's large-M paths (g
 
 
 def run(hn: StaticDecoder, batches: list[int], prefills: list[int], prefill_paths: tuple[str, ...], reps: int,
-        attn: list[str]) -> dict:
+        attn: list[str], wgmma_min_m: list[int]) -> dict:
     res: dict = {"decode": {}, "prefill_ms": {}}
+    default_min_m = gpu_matmul.WGMMA_MIN_M
     for name in attn:
         splits, pdl = ATTN[name]
         hn.attn_split_count, hn.attn_pdl = splits, pdl
         for b in batches:
-            r = time_decode(hn, b, 128, 64, reps)
-            res["decode"][f"{name}/{b}"] = r
-            print(f"{hn.mode:12s} {name:22s} B={b:<3d} {r['tokens_per_s']:9.1f} tok/s", flush=True)
+            for mm in wgmma_min_m if hn.mode == "lowbit" else [default_min_m]:
+                gpu_matmul.WGMMA_MIN_M = mm
+                r = time_decode(hn, b, 128, 64, reps)
+                key = f"{name}/{b}" + (f"/wgmma>={mm}" if mm != default_min_m else "")
+                res["decode"][key] = r
+                print(f"{hn.mode:12s} {name:22s} B={b:<3d} {r['tokens_per_s']:9.1f} tok/s"
+                      + (f" (wgmma GEMM from M={mm})" if hn.mode == "lowbit" else ""), flush=True)
+    gpu_matmul.WGMMA_MIN_M = default_min_m
     hn.attn_split_count, hn.attn_pdl = None, False
     for path in prefill_paths:
         hn.large_m = path
@@ -61,7 +68,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--attn", default=",".join(ATTN), help="attention variants to time")
+    ap.add_argument("--wgmma-min-m", default=str(gpu_matmul.WGMMA_MIN_M),
+                    help="decode batches from which the low-bit GEMMs run the wgmma GEMM (gpu_matmul.WGMMA_MIN_M)")
     args = ap.parse_args()
+    min_ms = [int(v) for v in args.wgmma_min_m.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     prefills = [int(t) for t in args.prefill.split(",") if t]
     dt = torch.bfloat16
@@ -71,17 +81,18 @@ def main() -> None:
                  "args": vars(args), "copy_bandwidth_GBps": copy_bandwidth()}
     hn = StaticDecoder(src, "lowbit", dt)
     paths = PREFILL if wgmma_available(torch.device("cuda")) else ("dequant",)
-    out["lowbit"] = run(hn, batches, prefills, paths, args.reps, args.attn.split(","))
+    out["lowbit"] = run(hn, batches, prefills, paths, args.reps, args.attn.split(","), min_ms)
     out["lowbit"]["bytes_per_step"] = hn.weight_bytes()
     del hn
     torch.cuda.empty_cache()
     if not args.no_dense:
         hn = StaticDecoder(src, "dense_cublas", dt)
-        out["dense_cublas"] = run(hn, batches, prefills, ("auto",), args.reps, args.attn.split(","))
+        out["dense_cublas"] = run(hn, batches, prefills, ("auto",), args.reps, args.attn.split(","), min_ms)
         del hn
         lb, dn = out["lowbit"], out["dense_cublas"]
         out["ratio"] = {
-            "decode": {k: lb["decode"][k]["tokens_per_s"] / dn["decode"][k]["tokens_per_s"] for k in lb["decode"]},
+            "decode": {k: v["tokens_per_s"] / dn["decode"]["/".join(k.split("/")[:2])]["tokens_per_s"]
+                       for k, v in lb["decode"].items()},
             "prefill": {k: dn["prefill_ms"][f"auto/{k.split('/')[1]}"] / v for k, v in lb["prefill_ms"].items()},
         }
         print(json.dumps(out["ratio"], indent=1), flush=True)

@@ -2,6 +2,11 @@
 shape of ``gpu_matmul.GEMM_CONFIGS``), dequantize + cuBLAS, and cuBLAS bf16 on a dense weight.
 
     PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json [--m 128,256,512,2048] [--bits 4]
+    PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json --decode 8,16,32,64 --configs 4,5,6 --splits 1,2,4
+
+``--decode``: decode batches instead, each GEMM as the decode step calls it (qkv stores, o and down add
+into the fp32 residual stream, gate_up fused with silu(gate) * up): the skinny GEMV (M <= 32), the wgmma
+GEMM at each block shape of at most 64 x rows and each number of K splits, cuBLAS bf16 (+ the add).
 
 First a check on small odd shapes (partial blocks of rows and weight tiles, K not a whole step, bias,
 the GLU epilogue, groups of 32/128/256, 2/3/4 bit): each block shape's output against the fp32 product
@@ -45,27 +50,45 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b).norm() / b.norm())
 
 
-def check(rows: list, configs: list[int]) -> bool:
+def check(rows: list, configs: list[int], splits: list[int]) -> bool:
     ok = True
     cases = [(4, 128, 208, 768, 300, False, False), (4, 128, 208, 896, 77, False, True),
              (4, 32, 160, 512, 130, False, False), (4, 256, 96, 1024, 64, False, False),
              (3, 128, 208, 768, 300, False, True), (2, 128, 208, 768, 300, False, False),
-             (4, 128, 256, 512, 200, True, False), (2, 64, 256, 512, 200, True, True)]
+             (4, 128, 256, 512, 200, True, False), (2, 64, 256, 512, 200, True, True),
+             (4, 128, 208, 768, 5, False, True), (4, 128, 256, 1024, 16, True, False),
+             (3, 64, 208, 768, 33, False, False), (2, 128, 208, 896, 12, False, True)]
     for bits, g, n, k, m, glu, bias in cases:
         pw = rand_pw(n, k, bits, g, glu, bias)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = reference(x, pw)
         e_dq = rel(gpu_matmul.dequant_matmul(x, pw), ref)
         for cfg in configs:
-            y = gpu_matmul.wgmma_gemm(x, pw, cfg)
-            e = rel(y, ref)
-            same = bool(torch.equal(y, gpu_matmul.wgmma_gemm(x, pw, cfg)))
-            good = e <= 1.5 * e_dq + 1e-4 and same
-            ok &= good
-            rows.append({"kind": "check", "bits": bits, "group": g, "n": n, "k": k, "m": m, "glu": glu, "bias": bias,
-                         "config": cfg, "rel_err": e, "rel_err_dequant_cublas": e_dq, "repeat_equal": same, "ok": good})
-            print(f"check {bits}b g{g} n={n} k={k} m={m} glu={glu} bias={bias} cfg {cfg}: {e:.2e} "
-                  f"(dequant+cuBLAS {e_dq:.2e}) repeat-equal={same} {'ok' if good else 'FAIL'}", flush=True)
+            small = gpu_matmul.GEMM_CONFIGS[cfg][0] <= gpu_matmul.SPLIT_MAX_ROWS
+            for sp in [sp for sp in splits if sp <= -(-k // 256)] if small else [1]:
+                for acc in (False, True) if small and not glu else (False,):
+                    def run():
+                        if not acc:
+                            return gpu_matmul.wgmma_gemm(x, pw, cfg, splits=sp)
+                        o = torch.ones(m, n, device="cuda")  # out += x W^T on a stream of ones
+                        return gpu_matmul.wgmma_gemm(x, pw, cfg, out=o, accumulate=True, splits=sp) - 1
+                    try:
+                        y = run()
+                    except RuntimeError as exc:  # built for one group size only (QLB_GEMM_L2S_ONLY)
+                        if "built for log2_spg" not in str(exc):
+                            raise
+                        print(f"check {bits}b g{g} cfg {cfg}: not built", flush=True)
+                        break
+                    e = rel(y, ref)
+                    same = bool(torch.equal(y, run()))
+                    good = e <= 1.5 * e_dq + 1e-4 and same
+                    ok &= good
+                    rows.append({"kind": "check", "bits": bits, "group": g, "n": n, "k": k, "m": m, "glu": glu,
+                                 "bias": bias, "config": cfg, "splits": sp, "accumulate": acc, "rel_err": e,
+                                 "rel_err_dequant_cublas": e_dq, "repeat_equal": same, "ok": good})
+                    print(f"check {bits}b g{g} n={n} k={k} m={m} glu={glu} bias={bias} cfg {cfg} splits {sp} "
+                          f"acc={acc}: {e:.2e} (dequant+cuBLAS {e_dq:.2e}) repeat-equal={same} "
+                          f"{'ok' if good else 'FAIL'}", flush=True)
     return ok
 
 
@@ -119,19 +142,79 @@ def bench(rows: list, ms: list[int], configs: list[int], bits: int) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_decode(rows: list, ms: list[int], configs: list[int], splits: list[int], bits: int) -> None:
+    """Each LLaMA-7B GEMM at decode batch m as the decode step calls it; µs, CUDA-graph replays."""
+    for name, (n, k) in SHAPES.items():
+        glu, acc = name == "gate_up", name in ("o", "down")
+        pws = copies(lambda: rand_pw(n, k, bits, glu=glu), 4, n * k * bits // 8)
+        dense = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 4, n * k * 2)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            h = torch.zeros(m, n, device="cuda")
+            it = {"i": 0}
+
+            def rot(seq):
+                it["i"] += 1
+                return seq[it["i"] % len(seq)]
+
+            def dense_fn():
+                y = F.linear(x, rot(dense))
+                if acc:
+                    h.add_(y)
+                return gpu_matmul.glu_act(y) if glu else y
+
+            fns = {"cublas_bf16": dense_fn}
+            if m <= gpu_matmul.SKINNY_MAX_M:
+                fns["skinny"] = lambda: gpu_matmul.gemv(x, rot(pws), out=h if acc else None, accumulate=acc)
+            for cfg in configs:
+                for sp in splits:
+                    fns[f"wgmma{cfg}/{sp}"] = lambda cfg=cfg, sp=sp: gpu_matmul.wgmma_gemm(
+                        x, rot(pws), cfg, out=h if acc else None, accumulate=acc, splits=sp)
+            fns["x_image"] = lambda: gpu_matmul.x_image(x, pws[0].tiles.shape[1])
+            res = {}
+            for vname, fn in fns.items():
+                try:
+                    res[vname] = time_us(fn, calls=10, reps=7)
+                except (RuntimeError, ValueError) as e:  # a shape or split the kernel refuses: recorded, skipped
+                    res[vname] = None
+                    print(f"  {vname}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            wg = {v: t for v, t in res.items() if v.startswith("wgmma") and t}
+            best = min(wg, key=wg.get, default=None)
+            plan = gpu_matmul.decode_gemm_plan(m, pws[0])
+            rows.append({"kind": "decode", "bits": bits, "shape": name, "n": n, "k": k, "m": m, "us": res,
+                         "best": best, "plan": plan})
+            cub = res["cublas_bf16"]
+            line = " ".join(f"{v}={t:.1f}" for v, t in res.items() if t)
+            print(f"{bits}b {name:8s} M={m:3d}: {line} | best {best}"
+                  + (f" {cub / wg[best]:.2f}x bf16" if best else "")
+                  + (f", skinny {cub / res['skinny']:.2f}x" if res.get("skinny") else "") + f" plan {plan}", flush=True)
+        del pws, dense
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--m", default="128,256,512,1024,2048")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--configs", default=",".join(str(c) for c in gpu_matmul.GEMM_CONFIGS))
+    ap.add_argument("--splits", default="1", help="K splits to time (blocks of at most 64 x rows)")
+    ap.add_argument("--decode", default="", help="decode batches to time instead of --m (see above)")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
     args = ap.parse_args()
     configs = [int(c) for c in args.configs.split(",")]
+    splits = [int(c) for c in args.splits.split(",")]
     rows: list = []
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "rows": rows}
-    out["check_ok"] = check(rows, configs)
-    if not args.skip_bench:
+    if not args.skip_check:
+        out["check_ok"] = check(rows, configs, sorted(set(splits) | {1, 3}))
+    gpu_matmul.WGMMA_MIN_M = 1 << 30  # "skinny" is the GEMV kernel itself
+    if args.skip_bench:
+        pass
+    elif args.decode:
+        bench_decode(rows, [int(m) for m in args.decode.split(",")], configs, splits, args.bits)
+    else:
         bench(rows, [int(m) for m in args.m.split(",")], configs, args.bits)
     Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -30,9 +30,9 @@ BINDING = """
                  int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool);                 \\
   void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);                                   \\
   void gemm_b##B##_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,      \\
-                       int64_t, int64_t, bool, int64_t);                                                     \\
+                       int64_t, int64_t, bool, int64_t, bool, int64_t, torch::Tensor, torch::Tensor);        \\
   void gemm_b##B##_f16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,       \\
-                      int64_t, int64_t, bool, int64_t);
+                      int64_t, int64_t, bool, int64_t, bool, int64_t, torch::Tensor, torch::Tensor);
 QLB_DECL(2) QLB_DECL(3) QLB_DECL(4)
 void gemm_x_image(torch::Tensor, torch::Tensor);
 
@@ -59,16 +59,19 @@ void dequant(torch::Tensor tiles, torch::Tensor coef, torch::Tensor out, int64_t
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
 }
 
-// xs: x's image [4 S, Mp, 64] (x_image; fp16 / bf16); m: x's rows; out [M, N] ([M, N/2] with glu);
-// cfg: block shape (lowbit_gemm.cu's QLB_GEMM_CONFIGS). Hopper (sm_90a) only.
+// xs: x's image [4 S, Mp, 64] (x_image; fp16 / bf16); m: x's rows; out [M, N] ([M, N/2] with glu), or fp32
+// [M, N] receiving out += (accum); cfg: block shape (lowbit_gemm.cu's QLB_GEMM_CONFIGS); splits of K (> 1:
+// fp32 part [splits, M, N] and zeroed int32 sem, one per block of a split). Hopper (sm_90a) only.
 void gemm(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef, torch::Tensor bias, torch::Tensor out,
-          int64_t bits, int64_t m, int64_t n, int64_t log2_spg, bool glu, int64_t cfg) {
+          int64_t bits, int64_t m, int64_t n, int64_t log2_spg, bool glu, int64_t cfg, bool accum, int64_t splits,
+          torch::Tensor part, torch::Tensor sem) {
 #if defined(QLB_NO_GEMM)
   TORCH_CHECK(false, "the wgmma GEMM was not built (it needs a Hopper GPU, sm_90a)");
 #else
   TORCH_CHECK(xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf, "gemm: x must be fp16 or bf16");
   const bool bf = xs.scalar_type() == at::kBFloat16;
-#define QLB_GEMM_B(B) (bf ? gemm_b##B##_bf16 : gemm_b##B##_f16)(xs, tiles, coef, bias, out, m, n, log2_spg, glu, cfg)
+#define QLB_GEMM_B(B) \\
+  (bf ? gemm_b##B##_bf16 : gemm_b##B##_f16)(xs, tiles, coef, bias, out, m, n, log2_spg, glu, cfg, accum, splits, part, sem)
   if (bits == 4) QLB_GEMM_B(4);
   else if (bits == 3) QLB_GEMM_B(3);
   else if (bits == 2) QLB_GEMM_B(2);

@@ -81,7 +81,9 @@ def gemv(
     stages: int = DEFAULT_STAGES,
     pdl: bool = True,
 ) -> torch.Tensor:
-    """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias).
+    """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias). On Hopper, batches of
+    ``WGMMA_MIN_M`` rows or more against weights of many tiles run the wgmma GEMM (``decode_gemm_plan``;
+    not when ``warps`` is given), the skinny GEMV otherwise.
 
     - ``norm_weight`` (fp32 [K]): x is an fp32 residual stream [M, K] and the input is
       rmsnorm(x, eps) * norm_weight, fused into the kernel where it stages x (``stages_x``), else
@@ -129,10 +131,39 @@ def gemv(
         elif tuple(out.shape) != shape or out.dtype != dtype or out.stride(1) != 1:
             raise ValueError(f"out must be {dtype} {shape} with unit column stride")
         epi = EPI_GLU if pw.glu else EPI_STORE
+    plan = decode_gemm_plan(m, pw) if norm_weight is None and warps is None and wgmma_available(x.device) else None
+    if plan is not None:
+        return wgmma_gemm(x, pw, plan[0], out=out, accumulate=accumulate, splits=plan[1])
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
                warps or default_warps(pw), stages, dtype == torch.bfloat16, pdl)
     return out
+
+
+# gemv runs the wgmma GEMM on Hopper from WGMMA_MIN_M rows for weights of WGMMA_MIN_TILES 16-row tiles or
+# more (decode_gemm_plan). H200, LLaMA-7B, 4 bit g128, each GEMM as the decode step calls it (RESULTS round
+# 9, us, skinny GEMV -> wgmma GEMM): M = 32 qkv 40.8 -> 30.7, gate_up 62.6 -> 39.1; o 17.1 and down 35.5
+# against 22.9 and 35.1 (4 K splits); at M = 16 the GEMV is ahead on every shape (qkv 17.8 against 26.0,
+# gate_up 33.0 against 36.4): the wgmma GEMM takes nearly the same time at M = 8 as at 32, latency-bound
+# with 6 warps per SM (ncu: 4.3 cycles per issued instruction per warp, 0.34 issued per scheduler).
+WGMMA_MIN_M = 17
+WGMMA_MIN_TILES = MANY_TILES
+
+
+def decode_gemm_plan(m: int, pw: PreparedWeight) -> tuple[int, int] | None:
+    """(block shape, splits of K) of the wgmma GEMM for ``m`` decode rows against ``pw``, or None where the
+    skinny GEMV is faster (``WGMMA_MIN_M``, ``WGMMA_MIN_TILES``): :func:`gemm_config`'s shape, K split in
+    two until its blocks cover every SM (weights of few tiles)."""
+    tiles, steps = pw.tiles.shape[:2]
+    if m < WGMMA_MIN_M or tiles < WGMMA_MIN_TILES:
+        return None
+    cfg = gemm_config(m, pw.out_features)
+    bn, wg = GEMM_CONFIGS[cfg][:2]
+    blocks = -(-m // bn) * -(-tiles // (4 * wg))
+    splits = 1
+    while blocks * splits < _sm_count(pw.tiles.device) and 2 * splits <= steps // 2:
+        splits *= 2
+    return cfg, splits
 
 
 def dequant(pw: PreparedWeight, dtype: torch.dtype, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,16 +191,22 @@ def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
 
 
 # lowbit_gemm.cu's block shapes by index: (x rows BN, warpgroups WG (64 weight rows each), slabs of 16
-# columns per k-block KBS, x ring slots NS)
-GEMM_CONFIGS = {0: (256, 2, 4, 4), 1: (128, 2, 8, 4), 2: (256, 2, 4, 3), 3: (64, 2, 8, 4)}
+# columns per k-block KBS, x ring slots NS, code ring slots CS (256-column steps))
+GEMM_CONFIGS = {0: (256, 2, 4, 4, 2), 1: (128, 2, 8, 4, 2), 2: (256, 2, 4, 3, 2), 3: (64, 2, 8, 4, 2),
+                4: (32, 1, 8, 4, 4), 5: (64, 1, 8, 4, 4)}
+SPLIT_MAX_ROWS = 64  # split K is compiled in for blocks of up to this many x rows (lowbit_gemm.cu)
 
 
 def gemm_config(m: int, n: int) -> int:
     """The block shape for x [m, K] against a weight of n rows: the fastest on an H200 on LLaMA-7B shapes
-    (benchmarks/gemm_ab.py, RESULTS round 8): 256 x rows, except for weights of up to 4096 rows below M = 1024,
-    whose 128-row blocks would then fill the GPU in too few waves: 128 x rows (8-slab k-blocks) there, 64
-    up to M = 256 (o, down at M = 512: 44.6 / 110.3 us against 56.2 / 139.2 with 256; at M = 256 37.8 / 92.9
-    with 64 against 43.3 / 110.3 with 128)."""
+    (benchmarks/gemm_ab.py, RESULTS rounds 8-9): one warpgroup against 32 x rows up to M = 32 and 64 up to
+    M = 64, with a 4-step code ring (M = 64: qkv / o / gate_up / down 34.7 / 33.2 / 64.3 / 70.9 us against
+    39.8 / 46.0 / 77.4 / 105.4 with two warpgroups); above, 256 x rows, except for weights of up to 4096
+    rows below M = 1024, whose 128-row blocks would then fill the GPU in too few waves: 128 x rows (8-slab
+    k-blocks) there, 64 up to M = 256 (o, down at M = 512: 44.6 / 110.3 us against 56.2 / 139.2 with 256; at
+    M = 256 37.8 / 92.9 with 64 against 43.3 / 110.3 with 128)."""
+    if m <= 64:
+        return 4 if m <= 32 else 5
     if n <= 4096 and m < 1024:
         return 3 if m <= 256 else 1
     return 0
@@ -212,24 +249,63 @@ def x_image(x: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None) -> torch.Tensor:
+_SPLIT_WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split K's scratch on ``device``: fp32 partial sums and int32 arrival counters (zero between
+    launches: the last block of each tile resets its own). One per device, grown on demand, shared by
+    every split GEMM: they must run one at a time (one stream), as the decoder's do."""
+    ws = _SPLIT_WS.get(device)
+    if ws is None or ws[0].numel() < floats or ws[1].numel() < counters:
+        old = (0, 0) if ws is None else (ws[0].numel(), ws[1].numel())
+        ws = _SPLIT_WS[device] = (torch.empty(max(floats, old[0]), device=device, dtype=torch.float32),
+                                  torch.zeros(max(counters, old[1]), device=device, dtype=torch.int32))
+    return ws
+
+
+def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None, *, out: torch.Tensor | None = None,
+               accumulate: bool = False, splits: int = 1) -> torch.Tensor:
     """x [M, K] fp16/bf16 -> [M, N] (or silu(gate) * up [M, N/2]) through the wgmma dequant-GEMM
     (Hopper only): one pass laying x out as the kernel copies it (:func:`x_image`), then the GEMM with
-    block shape ``cfg`` (``GEMM_CONFIGS``; default :func:`gemm_config`)."""
+    block shape ``cfg`` (``GEMM_CONFIGS``; default :func:`gemm_config`).
+
+    - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T (+ bias) (no glu);
+    - ``splits``: K cut into that many ranges, each a block of its own (weights of few rows at few x
+      rows, whose blocks alone would leave SMs idle); the last block of each output tile adds the
+      ranges' partial sums in a fixed order, so the result is the same bits every run. Blocks of up to
+      ``SPLIT_MAX_ROWS`` x rows."""
     if x.shape[1] != pw.in_features:
         raise ValueError(f"x {tuple(x.shape)} does not match D_in={pw.in_features}")
     if pw.tiles is None:
         raise ValueError(f"no kernel layout for bits={pw.bits}, group_size={pw.group_size}")
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x must be fp16 or bf16, not {x.dtype}")
-    m = x.shape[0]
-    cfg = gemm_config(m, pw.out_features) if cfg is None else cfg
+    m, n, steps = x.shape[0], pw.out_features, pw.tiles.shape[1]
+    cfg = gemm_config(m, n) if cfg is None else cfg
     if cfg not in GEMM_CONFIGS:
         raise ValueError(f"no block shape {cfg}: valid are {sorted(GEMM_CONFIGS)}")
-    out = torch.empty(m, pw.out_features // 2 if pw.glu else pw.out_features, device=x.device, dtype=x.dtype)
-    xs = x_image(x, pw.tiles.shape[1])
+    bn, wg = GEMM_CONFIGS[cfg][:2]
+    if not 1 <= splits <= steps or (splits > 1 and bn > SPLIT_MAX_ROWS):
+        raise ValueError(f"splits={splits}: 1..{steps} (the weight's 256-column steps), and 1 for blocks of more "
+                         f"than {SPLIT_MAX_ROWS} x rows (block shape {cfg} has {bn})")
+    if accumulate:
+        if pw.glu or out is None or out.dtype != torch.float32 or tuple(out.shape) != (m, n) or out.stride(1) != 1:
+            raise ValueError("accumulate=True needs an fp32 out tensor [M, N] (and no glu)")
+    else:
+        shape = (m, n // 2) if pw.glu else (m, n)
+        if out is None:
+            out = torch.empty(shape, device=x.device, dtype=x.dtype)
+        elif tuple(out.shape) != shape or out.dtype != x.dtype or out.stride(1) != 1:
+            raise ValueError(f"out must be {x.dtype} {shape} with unit column stride")
+    xs = x_image(x, steps)
     bias = pw.bias if pw.bias is not None else _empty(x.device)
-    ext().gemm(xs, pw.tiles, pw.coef, bias, out, pw.bits, m, pw.out_features, pw.log2_spg, pw.glu, cfg)
+    part = sem = _empty(x.device)
+    if splits > 1:
+        blocks = -(-m // bn) * -(-pw.tiles.shape[0] // (4 * wg))
+        part, sem = _split_workspace(x.device, splits * m * n, blocks)
+    ext().gemm(xs, pw.tiles, pw.coef, bias, out, pw.bits, m, n, pw.log2_spg, pw.glu, cfg, accumulate, splits, part,
+               sem)
     return out
 
 
@@ -240,6 +316,11 @@ def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None) -> t
 # prefill of 2048 tokens: 59.60 ms this way, 61.00 with the wgmma GEMM on every layer.
 LARGE_M_AUTO = "dequant"
 GLU_AUTO = "wgmma"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)

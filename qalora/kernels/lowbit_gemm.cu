@@ -27,6 +27,49 @@ namespace qlb {
 // lane, T) x B [16, N] (shared memory, descriptor b, K-major); always accumulates (scale-d = 1).
 template <int N>
 struct Wgmma;
+#define QLB_WGMMA_8(DT)                                                                                           \
+  asm volatile("{.reg .pred p; setp.ne.b32 p, %9, 0; "                                                            \
+               "wgmma.mma_async.sync.aligned.m64n8k16.f32." DT "." DT " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, "   \
+               "p, 1, 1, 0;}"                                                                                     \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+template <> struct Wgmma<8> {
+  template <typename T>
+  __device__ static void run(float (&d)[4], const uint32_t (&a)[4], uint64_t b) {
+    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_8("f16");
+    else QLB_WGMMA_8("bf16");
+  }
+};
+#undef QLB_WGMMA_8
+#define QLB_WGMMA_16(DT)                                                                                          \
+  asm volatile("{.reg .pred p; setp.ne.b32 p, %13, 0; "                                                           \
+               "wgmma.mma_async.sync.aligned.m64n16k16.f32." DT "." DT " {%0, %1, %2, %3, %4, %5, %6, %7}, "      \
+               "{%8, %9, %10, %11}, %12, p, 1, 1, 0;}"                                                            \
+               : QLB_ACC8(d, 0)                                                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+template <> struct Wgmma<16> {
+  template <typename T>
+  __device__ static void run(float (&d)[8], const uint32_t (&a)[4], uint64_t b) {
+    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_16("f16");
+    else QLB_WGMMA_16("bf16");
+  }
+};
+#undef QLB_WGMMA_16
+#define QLB_WGMMA_32(DT)                                                                                          \
+  asm volatile("{.reg .pred p; setp.ne.b32 p, %21, 0; "                                                           \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." DT "." DT " "                                        \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "                         \
+               "{%16, %17, %18, %19}, %20, p, 1, 1, 0;}"                                                          \
+               : QLB_ACC8(d, 0), QLB_ACC8(d, 8)                                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+template <> struct Wgmma<32> {
+  template <typename T>
+  __device__ static void run(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
+    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_32("f16");
+    else QLB_WGMMA_32("bf16");
+  }
+};
+#undef QLB_WGMMA_32
 #define QLB_WGMMA_64(DT)                                                                                          \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %37, 0; "                                                           \
                "wgmma.mma_async.sync.aligned.m64n64k16.f32." DT "." DT " "                                        \
@@ -133,17 +176,17 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
                ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 
-constexpr int GEMM_CODE_SLOTS = 2;  // gemm_kernel's code ring: steps in shared memory
-
 struct GemmArgs {
   const void* x;       // x's image (x_image_kernel), T [4 S, Mp, 64]
   const uint4* tiles;  // uint4 [T, S, BITS, 32]
   const float4* coef;  // float4 [T, Lp, 8]
   const float* bias;   // [N] or null
-  void* out;           // T [M, N], or [M, N/2] with glu
-  int M, Mp, N, S, Lp, log2_spg, ntiles;  // Mp: M rounded up to 8 (x_image)
+  void* out;           // T [M, N], or [M, N/2] with glu, or fp32 [M, N] with accum (out += x W^T)
+  float* part;         // split K: fp32 [splits, M, N], each split's partial sums
+  int* sem;            // split K: [#output tiles] arrival counters, zero between launches (the last resets)
+  int M, Mp, N, S, Lp, log2_spg, ntiles, splits, nsem;  // Mp: M rounded up to 8 (x_image); nsem: sem's size
   long long stride_om;
-  bool glu;
+  bool glu, accum;
 };
 
 // A fragment of slab sl (span sl / 2, fragment sl % 2) of the lane's step words w: T pairs of
@@ -201,6 +244,19 @@ __device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[
     if (row0 < a.N) b0 = a.bias[row0];
     if (row0 + 8 < a.N) b1 = a.bias[row0 + 8];
   }
+  if (a.accum) {  // fp32 out += y straight from the fragments: each element is this lane's alone
+    float* o = reinterpret_cast<float*>(a.out);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int m = m0 + 8 * j + 2 * t + c;
+        if (m >= a.M) continue;
+        if (row0 < a.N) o[m * a.stride_om + row0] += acc[4 * j + c] + b0;
+        if (row0 + 8 < a.N) o[m * a.stride_om + row0 + 8] += acc[4 * j + 2 + c] + b1;
+      }
+    return;
+  }
   T* st = reinterpret_cast<T*>(stage);
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
@@ -233,6 +289,46 @@ __device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[
   }
 }
 
+
+// Split K: park this block's partial sums acc in a.part[blockIdx.z]; the last of the splits of the output
+// tile to arrive (a counter per tile) then sums every split's partials in split order into acc (the same
+// bits whichever arrives last) and returns true, the others false.
+template <int BN>
+__device__ __forceinline__ bool split_reduce(const GemmArgs& a, float (&acc)[BN / 2], int tile0, int m0, int warp,
+                                             int g, int t) {
+  __shared__ int last;
+  const int row0 = (tile0 + warp) * 16 + g;
+  const long long plane = static_cast<long long>(a.M) * a.N;
+  auto each = [&](auto&& f) {  // f(accumulator index, offset in a plane) for the lane's elements in range
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int m = m0 + 8 * j + 2 * t + c;
+        if (m >= a.M) continue;
+        if (row0 < a.N) f(4 * j + c, static_cast<long long>(m) * a.N + row0);
+        if (row0 + 8 < a.N) f(4 * j + 2 + c, static_cast<long long>(m) * a.N + row0 + 8);
+      }
+  };
+  float* mine = a.part + blockIdx.z * plane;
+  each([&](int i, long long off) { mine[off] = acc[i]; });
+  __threadfence();  // the partials visible device-wide before the counter says so
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* cnt = a.sem + blockIdx.y * gridDim.x + blockIdx.x;
+    last = atomicAdd(cnt, 1) == a.splits - 1;
+    if (last) *cnt = 0;  // ready for the next launch
+  }
+  __syncthreads();
+  if (!last) return false;
+  __threadfence();
+  each([&](int i, long long off) {
+    float s = 0.f;
+    for (int z = 0; z < a.splits; ++z) s += __ldcg(a.part + z * plane + off);
+    acc[i] = s;
+  });
+  return true;
+}
 
 // One step's codes (BITS uint4 per lane) and its NG groups' coefficients (rows g, g + 8) of the lane's tile
 // from shared memory (a slot of gemm_kernel's code ring: BITS x 32 uint4 of codes, then NG x 8 float4 of
@@ -268,12 +364,11 @@ __device__ __forceinline__ void lds_step(uint32_t src, int lane, int g, uint32_t
 // per-thread addresses and row predicates, codes loaded from global memory a k-block ahead; round 7),
 // the loop lost half its instructions and LLaMA-7B shapes at M = 2048 ran 1.10-1.38x faster (H200,
 // round 8). L2S: log2 of the spans of 32 columns per group, capped at 3 (one group per step or more).
-template <typename T, int BITS, int BN, int WG, int KBS, int NS, int L2S>
-__global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
+template <typename T, int BITS, int BN, int WG, int KBS, int NS, int CS, int L2S>
+__global__ void __launch_bounds__(128 * WG, BN <= 32 && WG == 1 ? (L2S >= 1 ? 4 : 3) : 1) gemm_kernel(const GemmArgs a) {
   constexpr int NG = L2S >= 3 ? 1 : 8 >> L2S;  // groups per step
   constexpr int SLOT = BN * KBS * 32;          // bytes of one k-block of x
   constexpr int KBPS = 16 / KBS;               // k-blocks per step
-  constexpr int CS = GEMM_CODE_SLOTS;          // code ring slots (steps)
   constexpr int TPB = 4 * WG;                  // tiles per block
   constexpr int TSLOT = BITS * 512 + NG * 128; // one tile's codes + coefficients of a step
   constexpr int CSLOT = TPB * TSLOT;
@@ -283,7 +378,11 @@ __global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
   const uint32_t cring = smem + NS * SLOT, bars = cring + CS * CSLOT;  // x ring, code ring, mbarriers
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * BN, tile0 = blockIdx.y * TPB;
-  const int nkb = a.S * KBPS;
+  // split K: blockIdx.z takes steps s0 .. s0 + ns - 1 of the S (the ring's step and k-block indices count from s0)
+  // (compiled in only for decode's blocks of x rows: at 256 rows the extra indices cost ~30 registers)
+  constexpr bool SPLIT = BN <= 64;
+  const int s0 = SPLIT ? blockIdx.z * a.S / a.splits : 0, ns = SPLIT ? (blockIdx.z + 1) * a.S / a.splits - s0 : a.S;
+  const int nkb = ns * KBPS;
   const uint32_t xbytes = static_cast<uint32_t>(min(BN, a.Mp - m0)) * 128;  // per atom: rows past Mp stay stale
 
   auto load_x = [&](int kb) {  // k-block kb into slot kb % NS
@@ -292,17 +391,18 @@ __global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
 #pragma unroll
     for (int at = 0; at < KBS / 4; ++at)
       bulk_copy(smem + (kb % NS) * SLOT + at * BN * 128,
-                reinterpret_cast<const T*>(a.x) + (static_cast<long long>(kb * (KBS / 4) + at) * a.Mp + m0) * 64,
+                reinterpret_cast<const T*>(a.x) +
+                    (static_cast<long long>((s0 * KBPS + kb) * (KBS / 4) + at) * a.Mp + m0) * 64,
                 xbytes, bar);
   };
   auto load_codes = [&](int s) {  // step s of the block's tiles into slot s % CS
     const uint32_t bar = bars + 8 * (NS + s % CS), dst = cring + (s % CS) * CSLOT;
-    const int g0 = (s * 8) >> a.log2_spg;
+    const int g0 = ((s0 + s) * 8) >> a.log2_spg;
     mbar_expect_tx(bar, CSLOT);
 #pragma unroll
     for (int j = 0; j < TPB; ++j) {
       const int tl = min(tile0 + j, a.ntiles - 1);  // tiles past the last re-read it and store nothing
-      bulk_copy(dst + j * TSLOT, a.tiles + (static_cast<size_t>(tl) * a.S + s) * BITS * 32, BITS * 512, bar);
+      bulk_copy(dst + j * TSLOT, a.tiles + (static_cast<size_t>(tl) * a.S + s0 + s) * BITS * 32, BITS * 512, bar);
       bulk_copy(dst + j * TSLOT + BITS * 512, a.coef + (static_cast<size_t>(tl) * a.Lp + g0) * 8, NG * 128, bar);
     }
   };
@@ -315,7 +415,7 @@ __global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
   __syncthreads();
   if (leader) {
     for (int i = 0; i < NS - 1 && i < nkb; ++i) load_x(i);
-    for (int i = 0; i < CS && i < a.S; ++i) load_codes(i);
+    for (int i = 0; i < CS && i < ns; ++i) load_codes(i);
   }
 
   float acc[BN / 2];
@@ -329,16 +429,16 @@ __global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
   lds_step<BITS, NG>(cring + warp * TSLOT, lane, g, w, cf);
   dequant_block<T, BITS, KBS, L2S>(w, cf, 0, av[0]);
 
-  for (int s = 0; s < a.S; ++s) {
+  for (int s = 0; s < ns; ++s) {
 #pragma unroll
     for (int kbl = 0; kbl < KBPS; ++kbl) {
       const int kb = s * KBPS + kbl;
       mbar_wait(bars + 8 * (kb % NS), (kb / NS) & 1);
       issue_kblock<T, BN, KBS>(acc, av[kbl & 1], smem + (kb % NS) * SLOT);
-      if (kbl + 1 < KBPS || s + 1 < a.S) {
+      if (kbl + 1 < KBPS || s + 1 < ns) {
         wgmma_wait<1>();
         dequant_block<T, BITS, KBS, L2S>(w, cf, ((kbl + 1) % KBPS) * KBS, av[(kbl + 1) & 1]);
-        if (kbl + 2 == KBPS && s + 1 < a.S) {  // the step's last k-block decoded: the next step's codes
+        if (kbl + 2 == KBPS && s + 1 < ns) {  // the step's last k-block decoded: the next step's codes
           const int c = (s + 1) % CS;
           mbar_wait(bars + 8 * (NS + c), ((s + 1) / CS) & 1);
           lds_step<BITS, NG>(cring + c * CSLOT + warp * TSLOT, lane, g, w, cf);
@@ -351,13 +451,16 @@ __global__ void __launch_bounds__(128 * WG, 1) gemm_kernel(const GemmArgs a) {
       __syncthreads();
       if (leader) {
         if (kb + NS - 1 < nkb) load_x(kb + NS - 1);
-        if (kb == 0 && CS < a.S) load_codes(CS);  // step 0's slot, read before the loop
-        if (kbl + 2 == KBPS && s + 1 + CS < a.S) load_codes(s + 1 + CS);
+        if (kb == 0 && CS < ns) load_codes(CS);  // step 0's slot, read before the loop
+        if (kbl + 2 == KBPS && s + 1 + CS < ns) load_codes(s + 1 + CS);
       }
     }
   }
   wgmma_wait<0>();
   acc_fence(acc);
+  if constexpr (SPLIT) {
+    if (a.splits > 1 && !split_reduce<BN>(a, acc, tile0, m0, warp, g, t)) return;
+  }
   static_assert(BN * (64 * WG + 8) * sizeof(T) <= NS * SLOT + CS * CSLOT, "the output tile must fit the rings");
   __syncthreads();  // every warpgroup's wgmmas are done: the rings take the output tile
   store_out<T, BN, WG>(a, acc, smem_raw + (smem - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw))), tile0,
@@ -398,39 +501,52 @@ static __global__ void __launch_bounds__(256) x_image_kernel(const uint4* __rest
 namespace {
 
 // Block shapes the launcher can take, by index (benchmarks/gemm_ab.py sweeps them):
-//   X(index, BN x rows, WG warpgroups (64 weight rows each), KBS slabs per k-block, NS x ring slots)
+//   X(index, BN x rows, WG warpgroups (64 weight rows each), KBS slabs per k-block, NS x ring slots,
+//     CS code ring slots (steps))
+#ifndef QLB_GEMM_CONFIGS
 #define QLB_GEMM_CONFIGS(X) \
-  X(0, 256, 2, 4, 4)        \
-  X(1, 128, 2, 8, 4)        \
-  X(2, 256, 2, 4, 3)        \
-  X(3, 64, 2, 8, 4)
+  X(0, 256, 2, 4, 4, 2)     \
+  X(1, 128, 2, 8, 4, 2)     \
+  X(2, 256, 2, 4, 3, 2)     \
+  X(3, 64, 2, 8, 4, 2)      \
+  X(4, 32, 1, 8, 4, 4)      \
+  X(5, 64, 1, 8, 4, 4)
+#endif
 
-template <typename T, int BN, int WG, int KBS, int NS>
+template <typename T, int BN, int WG, int KBS, int NS, int CS>
 void launch_gemm_cfg(const qlb::GemmArgs& a) {
   constexpr int BITS = QLB_TU_BITS;
   const int ng = a.log2_spg >= 3 ? 1 : 8 >> a.log2_spg;  // groups per step
-  const int smem = NS * BN * KBS * 32 + 1024  // x ring + alignment of the swizzle atoms
-                   + qlb::GEMM_CODE_SLOTS * 4 * WG * (BITS * 512 + ng * 128)  // code ring
-                   + (NS + qlb::GEMM_CODE_SLOTS) * 8;                          // mbarriers
-  const dim3 grid((a.M + BN - 1) / BN, (a.ntiles + 4 * WG - 1) / (4 * WG)), block(128 * WG);
+  const int smem = NS * BN * KBS * 32 + 1024          // x ring + alignment of the swizzle atoms
+                   + CS * 4 * WG * (BITS * 512 + ng * 128)  // code ring
+                   + (NS + CS) * 8;                         // mbarriers
+  const dim3 grid((a.M + BN - 1) / BN, (a.ntiles + 4 * WG - 1) / (4 * WG), a.splits), block(128 * WG);
   TORCH_CHECK(grid.y <= 65535, "gemm: too many weight rows for one launch");
+  TORCH_CHECK(a.splits == 1 || BN <= 64, "gemm: split K is built for blocks of up to 64 x rows, not ", BN);
+  TORCH_CHECK(a.splits == 1 || static_cast<long long>(grid.x) * grid.y <= a.nsem, "gemm: split K needs ",
+              grid.x * grid.y, " counters, sem has ", a.nsem);
   auto go = [&](auto kern) {
     const int dyn_max = smem_optin(reinterpret_cast<const void*>(kern));
     TORCH_CHECK(smem <= dyn_max, "gemm needs ", smem, " bytes of shared memory, the device allows ", dyn_max);
     kern<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(a);
   };
+#ifdef QLB_GEMM_L2S_ONLY  // benchmarks sweeping many block shapes: one group size, a quicker build
+  TORCH_CHECK(std::min(a.log2_spg, 3) == QLB_GEMM_L2S_ONLY, "gemm: built for log2_spg ", QLB_GEMM_L2S_ONLY, " only");
+  go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, QLB_GEMM_L2S_ONLY>);
+#else
   switch (std::min(a.log2_spg, 3)) {
-    case 0: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, 0>); break;
-    case 1: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, 1>); break;
-    case 2: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, 2>); break;
-    default: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, 3>); break;
+    case 0: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 0>); break;
+    case 1: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 1>); break;
+    case 2: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 2>); break;
+    default: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 3>); break;
   }
+#endif
 }
 
 void launch_gemm(const qlb::GemmArgs& a, int cfg) {
   switch (cfg) {
-#define QLB_GEMM_CASE(I, BN, WG, KBS, NS) \
-  case I: launch_gemm_cfg<QLB_TU_GEMM, BN, WG, KBS, NS>(a); break;
+#define QLB_GEMM_CASE(I, BN, WG, KBS, NS, CS) \
+  case I: launch_gemm_cfg<QLB_TU_GEMM, BN, WG, KBS, NS, CS>(a); break;
     QLB_GEMM_CONFIGS(QLB_GEMM_CASE)
 #undef QLB_GEMM_CASE
     default: TORCH_CHECK(false, "gemm: no block shape ", cfg);
@@ -440,15 +556,23 @@ void launch_gemm(const qlb::GemmArgs& a, int cfg) {
 }  // namespace
 
 // One translation unit per bit width and activation type (QLB_TU_GEMM, named by QLB_TU_GEMM_NAME):
-// xs: x's image [4 S, Mp, 64] (x_image); m: x's rows; out [M, N] (or [M, N / 2] with glu), x's dtype
+// xs: x's image [4 S, Mp, 64] (x_image); m: x's rows; out [M, N] (or [M, N / 2] with glu), x's dtype, or
+// fp32 [M, N] receiving out += x W^T (accum); splits > 1: K cut in that many ranges, part fp32 [splits, M, N]
+// and sem int32 [blocks] zeroed (gemm_split_sizes)
 void QLB_CAT(QLB_CAT(gemm_b, QLB_TU_BITS), QLB_TU_GEMM_NAME)(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef,
                                                            torch::Tensor bias, torch::Tensor out, int64_t m, int64_t n,
-                                                           int64_t log2_spg, bool glu, int64_t cfg) {
+                                                           int64_t log2_spg, bool glu, int64_t cfg, bool accum,
+                                                           int64_t splits, torch::Tensor part, torch::Tensor sem) {
   TORCH_CHECK(xs.is_contiguous() && xs.dim() == 3 && xs.size(0) == tiles.size(1) * 4 &&
                   xs.size(1) == (m + 7) / 8 * 8 && xs.size(2) == 64,
               "gemm: x's image must be a contiguous [", tiles.size(1) * 4, ", ", (m + 7) / 8 * 8, ", 64] (x_image)");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(xs.data_ptr()) % 16 == 0, "gemm: x's image must be 16-byte aligned");
   TORCH_CHECK(out.size(0) == m, "gemm: out must have ", m, " rows");
+  TORCH_CHECK(!accum || (out.scalar_type() == at::kFloat && !glu), "gemm: accum takes an fp32 out and no glu");
+  TORCH_CHECK(splits >= 1 && splits <= tiles.size(1), "gemm: 1 ..", tiles.size(1), " splits of K, not ", splits);
+  TORCH_CHECK(splits == 1 || (part.scalar_type() == at::kFloat && part.numel() >= splits * m * n &&
+                              sem.scalar_type() == at::kInt),
+              "gemm: split K needs fp32 part [splits, M, N] and int32 sem");
   qlb::GemmArgs a;
   a.x = xs.data_ptr();
   a.tiles = reinterpret_cast<const uint4*>(tiles.data_ptr());
@@ -459,6 +583,11 @@ void QLB_CAT(QLB_CAT(gemm_b, QLB_TU_BITS), QLB_TU_GEMM_NAME)(torch::Tensor xs, t
   a.ntiles = tiles.size(0);
   a.stride_om = out.stride(0);
   a.glu = glu;
+  a.accum = accum;
+  a.splits = splits;
+  a.part = splits > 1 ? part.data_ptr<float>() : nullptr;
+  a.sem = splits > 1 ? sem.data_ptr<int>() : nullptr;
+  a.nsem = sem.numel();
   launch_gemm(a, cfg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

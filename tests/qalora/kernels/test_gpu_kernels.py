@@ -176,6 +176,45 @@ def test_wgmma_gemm(bits, dtype):
 
 
 @pytest.mark.skipif(not _hopper(), reason="the wgmma GEMM needs a Hopper GPU")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_wgmma_gemm_decode_batches(bits, monkeypatch):
+    """The wgmma GEMM at decode batches as the decoder calls it: blocks of 8-64 x rows, K split in 1, 3 and
+    S ranges (uneven ones too), storing, adding into an fp32 stream (o, down) and GLU; the same bits
+    whichever split arrives last (repeats and graph replays, whose counters must reset themselves), and
+    ``gemv`` routing to it from ``WGMMA_MIN_M`` rows."""
+    from qalora.kernels import gpu_matmul
+
+    small = [c for c, shape in gpu_matmul.GEMM_CONFIGS.items() if shape[0] <= gpu_matmul.SPLIT_MAX_ROWS]
+    for i, (m, glu, bias) in enumerate(((5, False, True), (16, True, False), (40, False, False))):
+        pw = random_prepared(192 if glu else 200, 1408, bits, 128, seed=bits * 7 + i, bias=bias, glu=glu)
+        x = torch.randn(m, pw.in_features, device="cuda", dtype=torch.bfloat16)
+        ref = reference(x, pw)
+        h0 = torch.randn(m, pw.out_features, device="cuda")
+        steps = pw.tiles.shape[1]
+        for cfg in small:
+            for splits in (1, 3, steps):
+                y = gpu_matmul.wgmma_gemm(x, pw, cfg, splits=splits)
+                _check(y, ref, torch.bfloat16)
+                assert torch.equal(y, gpu_matmul.wgmma_gemm(x, pw, cfg, splits=splits)), (cfg, splits)
+                if not glu:
+                    h = gpu_matmul.wgmma_gemm(x, pw, cfg, out=h0.clone(), accumulate=True, splits=splits)
+                    _check(h - h0, ref, torch.bfloat16)
+        with pytest.raises(ValueError, match="splits"):
+            gpu_matmul.wgmma_gemm(x, pw, small[0], splits=steps + 1)
+        if m <= gpu_matmul.SKINNY_MAX_M:
+            assert gpu_matmul.decode_gemm_plan(m, pw) is None  # a weight of few tiles stays on the GEMV
+            monkeypatch.setattr(gpu_matmul, "WGMMA_MIN_M", 1)
+            monkeypatch.setattr(gpu_matmul, "WGMMA_MIN_TILES", 1)
+            cfg, splits = gpu_matmul.decode_gemm_plan(m, pw)
+            assert splits > 1  # 13 tiles: K split to fill the SMs
+            assert torch.equal(gpu_matmul.gemv(x, pw), gpu_matmul.wgmma_gemm(x, pw, cfg, splits=splits))
+            monkeypatch.undo()
+    out = torch.empty_like(y)
+    assert_graph_replays(lambda: out.copy_(gpu_matmul.wgmma_gemm(x, pw, small[0], splits=3)), out,
+                         gpu_matmul.wgmma_gemm(x, pw, small[0], splits=3))
+
+
+@pytest.mark.skipif(not _hopper(), reason="the wgmma GEMM needs a Hopper GPU")
 def test_x_image_kernel_matches_reference():
     """The CUDA pass building x's image for the bulk GEMM gives the torch reference's bits, with partial
     row groups, K not a multiple of 64 and a strided x."""
