@@ -4,7 +4,8 @@ Backends (chosen per layer by :func:`select_backend`, or forced):
 
 - ``"cuda"`` (CUDA + a CUDA compiler, fp16/bf16 activations, 2/3/4 bit, power-of-two group >= 32):
   the weight is repacked once into tiles (:mod:`qalora.kernels.layout`); rows M <=
-  ``gpu_matmul.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``); larger M
+  ``gpu_matmul.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``), on Hopper
+  the wgmma dequant-GEMM from 17 rows on weights of many tiles (``gpu_matmul.decode_gemm_plan``); larger M
   (``gpu_matmul.large_m_path``) runs the wgmma dequant-GEMM (``lowbit_gemm.cu``, Hopper) for GLU
   weights and dequantizes with one kernel then runs cuBLAS for the others (measured faster each; a
   fused Triton dequant-GEMM, ``lowbit_gemm_triton``, is opt-in).

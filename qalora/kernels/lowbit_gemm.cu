@@ -1,4 +1,5 @@
-// Large-M fused dequant-GEMM for the tile layout (qalora/kernels/layout.py), sm_90a: the codes are
+// Fused dequant-GEMM for the tile layout (qalora/kernels/layout.py), sm_90a, for prefill (blocks of 64-256
+// x rows) and decode batches of 17-64 rows on weights of many tiles (32-64, one warpgroup): the codes are
 // dequantized in registers straight into wgmma's A operand (the weight, 64 rows per warpgroup), x is the
 // B operand in shared memory (x first laid out as the kernel copies it, gpu_matmul.x_image). The
 // bf16/fp16 weight is never written anywhere; each weight element is s q + (-s z) in fp32 rounded once to
@@ -350,8 +351,9 @@ __device__ __forceinline__ void lds_step(uint32_t src, int lane, int g, uint32_t
   }
 }
 
-// y [M, N] = x [M, K] W^T (+ bias), or silu(gate) * up [M, N/2] (glu).
-// grid (cdiv(M, BN), cdiv(#tiles, 4 WG)), block 128 WG: warpgroup wg takes the 64 rows of tiles
+// y [M, N] = x [M, K] W^T (+ bias), or silu(gate) * up [M, N/2] (glu), or out [M, N] += x W^T (accum).
+// grid (cdiv(M, BN), cdiv(#tiles, 4 WG), splits), block 128 WG: block z takes the z-th of splits ranges of
+// K's steps (split_reduce adds them; BN <= 64 only); warpgroup wg takes the 64 rows of tiles
 // 4 (WG y + wg) .. +3 (warp w: tile 4 WG y + w) against BN rows of x. Blocks along x share one block of
 // weights and run side by side, so it is read from HBM about once. The K loop runs over k-blocks of
 // 16 KBS columns; a k-block's KBS wgmmas are issued back to back while the next k-block's A fragments
