@@ -47,13 +47,14 @@ CASES = [
 ]
 
 
-# the large-M wgmma GEMM (lowbit_gemm.cu): (name, kernel, T, BITS, BN, WG, KBS, NS, L2S), groups of 128;
+# the wgmma GEMM (lowbit_gemm.cu): (name, kernel, T, BITS, BN, WG, KBS, NS, CS, L2S), groups of 128;
 # its loop is one 256-column step (16 slabs of 16 columns) per warp
 GEMM_CASES = [
-    ("gemm.int4.bn256", "gemm_kernel", "__nv_bfloat16", 4, 256, 2, 4, 4, 2),
-    ("gemm.int4.bn128", "gemm_kernel", "__nv_bfloat16", 4, 128, 2, 8, 4, 2),
-    ("gemm.int3.bn256", "gemm_kernel", "__nv_bfloat16", 3, 256, 2, 4, 4, 2),
-    ("gemm.int2.bn256", "gemm_kernel", "__nv_bfloat16", 2, 256, 2, 4, 4, 2),
+    ("gemm.int4.bn256", "gemm_kernel", "__nv_bfloat16", 4, 256, 2, 4, 4, 2, 2),
+    ("gemm.int4.bn128", "gemm_kernel", "__nv_bfloat16", 4, 128, 2, 8, 4, 2, 2),
+    ("gemm.int3.bn256", "gemm_kernel", "__nv_bfloat16", 3, 256, 2, 4, 4, 2, 2),
+    ("gemm.int2.bn256", "gemm_kernel", "__nv_bfloat16", 2, 256, 2, 4, 4, 2, 2),
+    ("gemm.int4.bn32", "gemm_kernel", "__nv_bfloat16", 4, 32, 1, 8, 4, 4, 2),
 ]
 
 
@@ -77,8 +78,8 @@ def compile_cases(src: Path, gemm_src: Path, defines: list[str], nvcc: str, work
     """One cubin holding every case's kernel (taking each one's address instantiates it)."""
     ptrs = [f"(const void*)&qlb::gemv_kernel<{t}, {b}, {nt}, {norm}, {sx}, {r}, {group_log2(nt)}>"
             for _, t, b, nt, norm, sx, r in CASES]
-    ptrs += [f"(const void*)&qlb::{kern}<{t}, {b}, {bn}, {wg}, {kbs}, {ns}, {l2s}>"
-             for _, kern, t, b, bn, wg, kbs, ns, l2s in GEMM_CASES]
+    ptrs += [f"(const void*)&qlb::{kern}<{t}, {b}, {bn}, {wg}, {kbs}, {ns}, {cs}, {l2s}>"
+             for _, kern, t, b, bn, wg, kbs, ns, cs, l2s in GEMM_CASES]
     tu = work / "cases.cu"
     tu.write_text(f'#include "{src.resolve()}"\n#include "{gemm_src.resolve()}"\n'
                   f'const void* qlb_cases[] = {{{", ".join(ptrs)}}};\n')
@@ -175,8 +176,8 @@ def main() -> None:
         ops = collections.Counter(opcode(x) for _, x in loop)
         rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "hmma": ops["HMMA"],
                      "top": dict(ops.most_common(8))})
-    for case, kern, t, b, bn, wg, kbs, ns, l2s in GEMM_CASES:
-        tag = f"{len(kern)}{kern}I.*Li{b}ELi{bn}ELi{wg}ELi{kbs}ELi{ns}ELi{l2s}EE"
+    for case, kern, t, b, bn, wg, kbs, ns, cs, l2s in GEMM_CASES:
+        tag = f"{len(kern)}{kern}I.*Li{b}ELi{bn}ELi{wg}ELi{kbs}ELi{ns}ELi{cs}ELi{l2s}EE"
         mangled = next(f for f in funcs if re.search(tag, f) and ("bfloat16" in f) == (t == "__nv_bfloat16"))
         full = step_loop(funcs[mangled], "HGMMA")
         loop = without_copy_issue(full)
