@@ -92,18 +92,29 @@ def check(rows: list, configs: list[int], splits: list[int]) -> bool:
     return ok
 
 
+def weights(n: int, k: int, bits: int, glu: bool) -> tuple[list, list]:
+    """Low-bit and bf16 copies of an [n, k] weight, enough of each to defeat the L2 when cycled."""
+    pws = copies(lambda: rand_pw(n, k, bits, glu=glu), 4, n * k * bits // 8)
+    return pws, copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 4, n * k * 2)
+
+
+def rotation():
+    """rot(seq): the next of seq's copies on every call (captured into the graph, one per call)."""
+    it = {"i": 0}
+
+    def rot(seq):
+        it["i"] += 1
+        return seq[it["i"] % len(seq)]
+    return rot
+
+
 def bench(rows: list, ms: list[int], configs: list[int], bits: int) -> None:
     for name, (n, k) in SHAPES.items():
         glu = name == "gate_up"
-        pws = copies(lambda: rand_pw(n, k, bits, glu=glu), 4, n * k * bits // 8)
-        dense = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 4, n * k * 2)
+        pws, dense = weights(n, k, bits, glu)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            it = {"i": 0}
-
-            def rot(seq):
-                it["i"] += 1
-                return seq[it["i"] % len(seq)]
+            rot = rotation()
 
             def dense_fn():
                 y = F.linear(x, rot(dense))
@@ -146,16 +157,11 @@ def bench_decode(rows: list, ms: list[int], configs: list[int], splits: list[int
     """Each LLaMA-7B GEMM at decode batch m as the decode step calls it; µs, CUDA-graph replays."""
     for name, (n, k) in SHAPES.items():
         glu, acc = name == "gate_up", name in ("o", "down")
-        pws = copies(lambda: rand_pw(n, k, bits, glu=glu), 4, n * k * bits // 8)
-        dense = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 4, n * k * 2)
+        pws, dense = weights(n, k, bits, glu)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             h = torch.zeros(m, n, device="cuda")
-            it = {"i": 0}
-
-            def rot(seq):
-                it["i"] += 1
-                return seq[it["i"] % len(seq)]
+            rot = rotation()
 
             def dense_fn():
                 y = F.linear(x, rot(dense))

@@ -28,34 +28,29 @@ namespace qlb {
 // lane, T) x B [16, N] (shared memory, descriptor b, K-major); always accumulates (scale-d = 1).
 template <int N>
 struct Wgmma;
+// Wgmma<N>::run<T>: the m64nNk16 instruction of QLB_WGMMA_<N>(dtype) for T (fp16 or bf16)
+#define QLB_WGMMA_STRUCT(N)                                                                         \
+  template <> struct Wgmma<N> {                                                                     \
+    template <typename T>                                                                           \
+    __device__ static void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {             \
+      if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_##N("f16");                           \
+      else QLB_WGMMA_##N("bf16");                                                                   \
+    }                                                                                               \
+  };
 #define QLB_WGMMA_8(DT)                                                                                           \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %9, 0; "                                                            \
                "wgmma.mma_async.sync.aligned.m64n8k16.f32." DT "." DT " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, "   \
                "p, 1, 1, 0;}"                                                                                     \
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-template <> struct Wgmma<8> {
-  template <typename T>
-  __device__ static void run(float (&d)[4], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_8("f16");
-    else QLB_WGMMA_8("bf16");
-  }
-};
-#undef QLB_WGMMA_8
+QLB_WGMMA_STRUCT(8)
 #define QLB_WGMMA_16(DT)                                                                                          \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %13, 0; "                                                           \
                "wgmma.mma_async.sync.aligned.m64n16k16.f32." DT "." DT " {%0, %1, %2, %3, %4, %5, %6, %7}, "      \
                "{%8, %9, %10, %11}, %12, p, 1, 1, 0;}"                                                            \
                : QLB_ACC8(d, 0)                                                                                   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-template <> struct Wgmma<16> {
-  template <typename T>
-  __device__ static void run(float (&d)[8], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_16("f16");
-    else QLB_WGMMA_16("bf16");
-  }
-};
-#undef QLB_WGMMA_16
+QLB_WGMMA_STRUCT(16)
 #define QLB_WGMMA_32(DT)                                                                                          \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %21, 0; "                                                           \
                "wgmma.mma_async.sync.aligned.m64n32k16.f32." DT "." DT " "                                        \
@@ -63,14 +58,7 @@ template <> struct Wgmma<16> {
                "{%16, %17, %18, %19}, %20, p, 1, 1, 0;}"                                                          \
                : QLB_ACC8(d, 0), QLB_ACC8(d, 8)                                                                   \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-template <> struct Wgmma<32> {
-  template <typename T>
-  __device__ static void run(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_32("f16");
-    else QLB_WGMMA_32("bf16");
-  }
-};
-#undef QLB_WGMMA_32
+QLB_WGMMA_STRUCT(32)
 #define QLB_WGMMA_64(DT)                                                                                          \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %37, 0; "                                                           \
                "wgmma.mma_async.sync.aligned.m64n64k16.f32." DT "." DT " "                                        \
@@ -79,14 +67,7 @@ template <> struct Wgmma<32> {
                "{%32, %33, %34, %35}, %36, p, 1, 1, 0;}"                                                          \
                : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24)                                 \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-template <> struct Wgmma<64> {
-  template <typename T>
-  __device__ static void run(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_64("f16");
-    else QLB_WGMMA_64("bf16");
-  }
-};
-#undef QLB_WGMMA_64
+QLB_WGMMA_STRUCT(64)
 #define QLB_WGMMA_128(DT)                                                                                         \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %69, 0; "                                                           \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32." DT "." DT " "                                       \
@@ -98,14 +79,7 @@ template <> struct Wgmma<64> {
                : QLB_ACC8(d, 0), QLB_ACC8(d, 8), QLB_ACC8(d, 16), QLB_ACC8(d, 24),                                \
                  QLB_ACC8(d, 32), QLB_ACC8(d, 40), QLB_ACC8(d, 48), QLB_ACC8(d, 56)                               \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-template <> struct Wgmma<128> {
-  template <typename T>
-  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_128("f16");
-    else QLB_WGMMA_128("bf16");
-  }
-};
-#undef QLB_WGMMA_128
+QLB_WGMMA_STRUCT(128)
 #define QLB_WGMMA_256(DT)                                                                                         \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %133, 0; "                                                          \
                "wgmma.mma_async.sync.aligned.m64n256k16.f32." DT "." DT " "                                       \
@@ -123,13 +97,13 @@ template <> struct Wgmma<128> {
                  QLB_ACC8(d, 64), QLB_ACC8(d, 72), QLB_ACC8(d, 80), QLB_ACC8(d, 88),                              \
                  QLB_ACC8(d, 96), QLB_ACC8(d, 104), QLB_ACC8(d, 112), QLB_ACC8(d, 120)                            \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-template <> struct Wgmma<256> {
-  template <typename T>
-  __device__ static void run(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
-    if constexpr (std::is_same<T, __half>::value) QLB_WGMMA_256("f16");
-    else QLB_WGMMA_256("bf16");
-  }
-};
+QLB_WGMMA_STRUCT(256)
+#undef QLB_WGMMA_STRUCT
+#undef QLB_WGMMA_8
+#undef QLB_WGMMA_16
+#undef QLB_WGMMA_32
+#undef QLB_WGMMA_64
+#undef QLB_WGMMA_128
 #undef QLB_WGMMA_256
 
 
@@ -226,6 +200,21 @@ __device__ __forceinline__ void issue_kblock(float (&acc)[BN / 2], const uint32_
   wgmma_commit();
 }
 
+// f(i, m, row) for each of the lane's accumulators acc[i] = y[m, row] inside [M, N]: acc[4 j + e] is weight
+// row row0 + 8 (e >> 1) (row0 = 16 (tile0 + warp) + g), x row m0 + 8 j + 2 t + (e & 1)
+template <int BN, typename F>
+__device__ __forceinline__ void for_each_out(const GemmArgs& a, int m0, int row0, int t, F&& f) {
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int m = m0 + 8 * j + 2 * t + c;
+      if (m >= a.M) continue;
+      if (row0 < a.N) f(4 * j + c, m, row0);
+      if (row0 + 8 < a.N) f(4 * j + 2 + c, m, row0 + 8);
+    }
+}
+
 // The block's output tile out[m0 .. m0 + BN - 1, n0 .. n0 + OC - 1] (+ bias, GLU) through shared memory
 // stage (free once every wgmma is done): first each lane's accumulators, acc[4 j + e] = weight row
 // 16 (tile0 + warp) + g + 8 (e >> 1), x row m0 + 8 j + 2 t + (e & 1), as T in [x row][column] order, then
@@ -247,15 +236,7 @@ __device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[
   }
   if (a.accum) {  // fp32 out += y straight from the fragments: each element is this lane's alone
     float* o = reinterpret_cast<float*>(a.out);
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int m = m0 + 8 * j + 2 * t + c;
-        if (m >= a.M) continue;
-        if (row0 < a.N) o[m * a.stride_om + row0] += acc[4 * j + c] + b0;
-        if (row0 + 8 < a.N) o[m * a.stride_om + row0 + 8] += acc[4 * j + 2 + c] + b1;
-      }
+    for_each_out<BN>(a, m0, row0, t, [&](int i, int m, int row) { o[m * a.stride_om + row] += acc[i] + (i & 2 ? b1 : b0); });
     return;
   }
   T* st = reinterpret_cast<T*>(stage);
@@ -300,19 +281,8 @@ __device__ __forceinline__ bool split_reduce(const GemmArgs& a, float (&acc)[BN 
   __shared__ int last;
   const int row0 = (tile0 + warp) * 16 + g;
   const long long plane = static_cast<long long>(a.M) * a.N;
-  auto each = [&](auto&& f) {  // f(accumulator index, offset in a plane) for the lane's elements in range
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int m = m0 + 8 * j + 2 * t + c;
-        if (m >= a.M) continue;
-        if (row0 < a.N) f(4 * j + c, static_cast<long long>(m) * a.N + row0);
-        if (row0 + 8 < a.N) f(4 * j + 2 + c, static_cast<long long>(m) * a.N + row0 + 8);
-      }
-  };
   float* mine = a.part + blockIdx.z * plane;
-  each([&](int i, long long off) { mine[off] = acc[i]; });
+  for_each_out<BN>(a, m0, row0, t, [&](int i, int m, int row) { mine[static_cast<long long>(m) * a.N + row] = acc[i]; });
   __threadfence();  // the partials visible device-wide before the counter says so
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -323,9 +293,9 @@ __device__ __forceinline__ bool split_reduce(const GemmArgs& a, float (&acc)[BN 
   __syncthreads();
   if (!last) return false;
   __threadfence();
-  each([&](int i, long long off) {
+  for_each_out<BN>(a, m0, row0, t, [&](int i, int m, int row) {
     float s = 0.f;
-    for (int z = 0; z < a.splits; ++z) s += __ldcg(a.part + z * plane + off);
+    for (int z = 0; z < a.splits; ++z) s += __ldcg(a.part + z * plane + static_cast<long long>(m) * a.N + row);
     acc[i] = s;
   });
   return true;
