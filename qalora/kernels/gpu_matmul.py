@@ -68,6 +68,23 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _output(out: torch.Tensor | None, pw: PreparedWeight, m: int, dtype: torch.dtype, device: torch.device,
+            accumulate: bool) -> torch.Tensor:
+    """The low-bit matmul's output for m rows: ``out`` checked, or a new one. ``accumulate``: fp32 [M, N]
+    receiving out += (given, no glu); else ``dtype`` [M, N] ([M, N/2] for glu weights)."""
+    n = pw.out_features
+    if accumulate:
+        if pw.glu or out is None or out.dtype != torch.float32 or tuple(out.shape) != (m, n) or out.stride(1) != 1:
+            raise ValueError("accumulate=True needs an fp32 out tensor [M, N] (and no glu)")
+        return out
+    shape = (m, n // 2) if pw.glu else (m, n)
+    if out is None:
+        return torch.empty(shape, device=device, dtype=dtype)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be {dtype} {shape} with unit column stride")
+    return out
+
+
 def gemv(
     x: torch.Tensor,
     pw: PreparedWeight,
@@ -120,17 +137,8 @@ def gemv(
         nw = norm_weight.float().contiguous()
     else:
         x, nw = _aligned(x.to(dtype)), _empty(x.device)
-    if accumulate:
-        if pw.glu or out is None or out.dtype != torch.float32 or tuple(out.shape) != (m, n) or out.stride(1) != 1:
-            raise ValueError("accumulate=True needs an fp32 out tensor [M, N] (and no glu)")
-        epi = EPI_ACCUM
-    else:
-        shape = (m, n // 2) if pw.glu else (m, n)
-        if out is None:
-            out = torch.empty(shape, device=x.device, dtype=dtype)
-        elif tuple(out.shape) != shape or out.dtype != dtype or out.stride(1) != 1:
-            raise ValueError(f"out must be {dtype} {shape} with unit column stride")
-        epi = EPI_GLU if pw.glu else EPI_STORE
+    out = _output(out, pw, m, dtype, x.device, accumulate)
+    epi = EPI_ACCUM if accumulate else EPI_GLU if pw.glu else EPI_STORE
     plan = decode_gemm_plan(m, pw) if norm_weight is None and warps is None and wgmma_available(x.device) else None
     if plan is not None:
         return wgmma_gemm(x, pw, plan[0], out=out, accumulate=accumulate, splits=plan[1])
@@ -144,8 +152,8 @@ def gemv(
 # more (decode_gemm_plan). H200, LLaMA-7B, 4 bit g128, each GEMM as the decode step calls it (RESULTS round
 # 9, us, skinny GEMV -> wgmma GEMM): M = 32 qkv 40.8 -> 30.7, gate_up 62.6 -> 39.1; o 17.1 and down 35.5
 # against 22.9 and 35.1 (4 K splits); at M = 16 the GEMV is ahead on every shape (qkv 17.8 against 26.0,
-# gate_up 33.0 against 36.4): the wgmma GEMM takes nearly the same time at M = 8 as at 32, latency-bound
-# with 6 warps per SM (ncu: 4.3 cycles per issued instruction per warp, 0.34 issued per scheduler).
+# gate_up 33.0 against 36.4): the wgmma GEMM takes nearly the same time at M = 8 as at 32, bound by its
+# dequantization's instructions at ~6 warps per SM (the same time with its wgmmas removed).
 WGMMA_MIN_M = 17
 WGMMA_MIN_TILES = MANY_TILES
 
@@ -289,15 +297,7 @@ def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None, *, o
     if not 1 <= splits <= steps or (splits > 1 and bn > SPLIT_MAX_ROWS):
         raise ValueError(f"splits={splits}: 1..{steps} (the weight's 256-column steps), and 1 for blocks of more "
                          f"than {SPLIT_MAX_ROWS} x rows (block shape {cfg} has {bn})")
-    if accumulate:
-        if pw.glu or out is None or out.dtype != torch.float32 or tuple(out.shape) != (m, n) or out.stride(1) != 1:
-            raise ValueError("accumulate=True needs an fp32 out tensor [M, N] (and no glu)")
-    else:
-        shape = (m, n // 2) if pw.glu else (m, n)
-        if out is None:
-            out = torch.empty(shape, device=x.device, dtype=x.dtype)
-        elif tuple(out.shape) != shape or out.dtype != x.dtype or out.stride(1) != 1:
-            raise ValueError(f"out must be {x.dtype} {shape} with unit column stride")
+    out = _output(out, pw, m, x.dtype, x.device, accumulate)
     xs = x_image(x, steps)
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     part = sem = _empty(x.device)

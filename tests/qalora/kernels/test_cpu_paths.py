@@ -155,3 +155,28 @@ def test_large_m_path_names_why_wgmma_cannot_run_here():
         gpu_matmul.large_m_path(pw, "wgmma")
     with pytest.raises(ValueError, match="auto, wgmma, fused or dequant"):
         gpu_matmul.large_m_path(pw, "cutlass")
+
+
+def test_gpu_matmul_refuses_bad_arguments_before_any_kernel():
+    """The GPU entry points check their arguments first and name what is valid (no GPU needed)."""
+    from lowbit_ref import random_prepared
+
+    from qalora.kernels import gpu_matmul
+
+    pw = random_prepared(64, 512, 4, 128, seed=0, device="cpu")  # 4 tiles, 2 steps
+    x = torch.randn(16, 512, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="no block shape 99: valid are"):
+        gpu_matmul.wgmma_gemm(x, pw, 99)
+    with pytest.raises(ValueError, match=r"splits=3: 1\.\.2"):
+        gpu_matmul.wgmma_gemm(x, pw, 4, splits=3)
+    with pytest.raises(ValueError, match="block shape 0 has 256"):
+        gpu_matmul.wgmma_gemm(x, pw, 0, splits=2)
+    with pytest.raises(ValueError, match="accumulate=True needs an fp32 out"):
+        gpu_matmul.wgmma_gemm(x, pw, 4, accumulate=True)
+    with pytest.raises(ValueError, match=r"out must be torch.bfloat16 \(16, 64\)"):
+        gpu_matmul.gemv(x, pw, out=torch.empty(16, 63, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="accumulate=True needs an fp32 out"):
+        gpu_matmul.gemv(x, pw, out=torch.empty(16, 64, dtype=torch.bfloat16), accumulate=True)
+    # a weight of few tiles stays on the skinny GEMV at any batch; few rows on any weight
+    assert gpu_matmul.decode_gemm_plan(32, pw) is None
+    assert gpu_matmul.decode_gemm_plan(gpu_matmul.WGMMA_MIN_M - 1, pw) is None
