@@ -1,5 +1,6 @@
 """Builds and loads the CUDA kernels (``lowbit_cuda.cu``: the skinny GEMV and the dequant kernel;
-``lowbit_gemm.cu``: the large-M wgmma GEMM, sm_90a) on first use; importing this module compiles nothing.
+``lowbit_gemm.cu``: the wgmma GEMM for prefill and 17-32-row decode batches, sm_90a) on first use;
+importing this module compiles nothing.
 
 The two .cu files are compiled as translation units built in parallel by ninja: one per bit width
 (``QLB_TU_BITS``) for the GEMV and dequant kernels and, on Hopper, one per bit width and activation type
@@ -70,8 +71,9 @@ void gemm(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef, torch::Tens
 #else
   TORCH_CHECK(xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf, "gemm: x must be fp16 or bf16");
   const bool bf = xs.scalar_type() == at::kBFloat16;
-#define QLB_GEMM_B(B) \\
-  (bf ? gemm_b##B##_bf16 : gemm_b##B##_f16)(xs, tiles, coef, bias, out, m, n, log2_spg, glu, cfg, accum, splits, part, sem)
+#define QLB_GEMM_B(B)                                                                                        \\
+  (bf ? gemm_b##B##_bf16 : gemm_b##B##_f16)(xs, tiles, coef, bias, out, m, n, log2_spg, glu, cfg, accum, splits, \\
+                                            part, sem)
   if (bits == 4) QLB_GEMM_B(4);
   else if (bits == 3) QLB_GEMM_B(3);
   else if (bits == 2) QLB_GEMM_B(2);

@@ -1,5 +1,5 @@
 """GPU matmul entry points. The low-bit kernels are CUDA C++ (``lowbit_cuda.cu``: skinny GEMV and dequant;
-``lowbit_gemm.cu``: the large-M wgmma GEMM, Hopper; built on first use);
+``lowbit_gemm.cu``: the wgmma GEMM, Hopper, for prefill and 17-32-row decode batches; built on first use);
 the dense fp16/bf16 GEMV twin used by the benchmark's baseline is Triton. Importing this module
 needs neither a GPU nor triton.
 
