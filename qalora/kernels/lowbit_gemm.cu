@@ -37,20 +37,6 @@ struct Wgmma;
       else QLB_WGMMA_##N("bf16");                                                                   \
     }                                                                                               \
   };
-#define QLB_WGMMA_8(DT)                                                                                           \
-  asm volatile("{.reg .pred p; setp.ne.b32 p, %9, 0; "                                                            \
-               "wgmma.mma_async.sync.aligned.m64n8k16.f32." DT "." DT " {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, "   \
-               "p, 1, 1, 0;}"                                                                                     \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                   \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-QLB_WGMMA_STRUCT(8)
-#define QLB_WGMMA_16(DT)                                                                                          \
-  asm volatile("{.reg .pred p; setp.ne.b32 p, %13, 0; "                                                           \
-               "wgmma.mma_async.sync.aligned.m64n16k16.f32." DT "." DT " {%0, %1, %2, %3, %4, %5, %6, %7}, "      \
-               "{%8, %9, %10, %11}, %12, p, 1, 1, 0;}"                                                            \
-               : QLB_ACC8(d, 0)                                                                                   \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
-QLB_WGMMA_STRUCT(16)
 #define QLB_WGMMA_32(DT)                                                                                          \
   asm volatile("{.reg .pred p; setp.ne.b32 p, %21, 0; "                                                           \
                "wgmma.mma_async.sync.aligned.m64n32k16.f32." DT "." DT " "                                        \
@@ -99,8 +85,6 @@ QLB_WGMMA_STRUCT(128)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 QLB_WGMMA_STRUCT(256)
 #undef QLB_WGMMA_STRUCT
-#undef QLB_WGMMA_8
-#undef QLB_WGMMA_16
 #undef QLB_WGMMA_32
 #undef QLB_WGMMA_64
 #undef QLB_WGMMA_128
