@@ -2,7 +2,7 @@
 shape of ``gpu_matmul.GEMM_CONFIGS``), dequantize + cuBLAS, and cuBLAS bf16 on a dense weight.
 
     PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json [--m 128,256,512,2048] [--bits 4]
-    PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json --decode 8,16,32,64 --configs 4,5,6 --splits 1,2,4
+    PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json --decode 8,16,32,64 --configs 3,4,5 --splits 1,2,4
 
 ``--decode``: decode batches instead, each GEMM as the decode step calls it (qkv stores, o and down add
 into the fp32 residual stream, gate_up fused with silu(gate) * up): the skinny GEMV (M <= 32), the wgmma

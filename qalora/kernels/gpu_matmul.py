@@ -166,9 +166,7 @@ def decode_gemm_plan(m: int, pw: PreparedWeight) -> tuple[int, int] | None:
     if m < WGMMA_MIN_M or tiles < WGMMA_MIN_TILES:
         return None
     cfg = gemm_config(m, pw.out_features)
-    bn, wg = GEMM_CONFIGS[cfg][:2]
-    blocks = -(-m // bn) * -(-tiles // (4 * wg))
-    splits = 1
+    blocks, splits = _gemm_blocks(m, tiles, cfg), 1
     while blocks * splits < _sm_count(pw.tiles.device) and 2 * splits <= steps // 2:
         splits *= 2
     return cfg, splits
@@ -257,6 +255,12 @@ def x_image(x: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
+def _gemm_blocks(m: int, tiles: int, cfg: int) -> int:
+    """Blocks of one K range of the wgmma GEMM (lowbit_gemm.cu's grid x and y) at block shape ``cfg``."""
+    bn, wg = GEMM_CONFIGS[cfg][:2]
+    return -(-m // bn) * -(-tiles // (4 * wg))
+
+
 _SPLIT_WS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -293,7 +297,7 @@ def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None, *, o
     cfg = gemm_config(m, n) if cfg is None else cfg
     if cfg not in GEMM_CONFIGS:
         raise ValueError(f"no block shape {cfg}: valid are {sorted(GEMM_CONFIGS)}")
-    bn, wg = GEMM_CONFIGS[cfg][:2]
+    bn = GEMM_CONFIGS[cfg][0]
     if not 1 <= splits <= steps or (splits > 1 and bn > SPLIT_MAX_ROWS):
         raise ValueError(f"splits={splits}: 1..{steps} (the weight's 256-column steps), and 1 for blocks of more "
                          f"than {SPLIT_MAX_ROWS} x rows (block shape {cfg} has {bn})")
@@ -302,8 +306,7 @@ def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None, *, o
     bias = pw.bias if pw.bias is not None else _empty(x.device)
     part = sem = _empty(x.device)
     if splits > 1:
-        blocks = -(-m // bn) * -(-pw.tiles.shape[0] // (4 * wg))
-        part, sem = _split_workspace(x.device, splits * m * n, blocks)
+        part, sem = _split_workspace(x.device, splits * m * n, _gemm_blocks(m, pw.tiles.shape[0], cfg))
     ext().gemm(xs, pw.tiles, pw.coef, bias, out, pw.bits, m, n, pw.log2_spg, pw.glu, cfg, accumulate, splits, part,
                sem)
     return out

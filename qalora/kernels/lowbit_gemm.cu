@@ -1,5 +1,5 @@
-// Fused dequant-GEMM for the tile layout (qalora/kernels/layout.py), sm_90a, for prefill (blocks of 64-256
-// x rows) and decode batches of 17-64 rows on weights of many tiles (32-64, one warpgroup): the codes are
+// Fused dequant-GEMM for the tile layout (qalora/kernels/layout.py), sm_90a, for prefill (blocks of 32-256
+// x rows) and decode batches of 17-32 rows on weights of many tiles (32-row blocks, one warpgroup): the codes are
 // dequantized in registers straight into wgmma's A operand (the weight, 64 rows per warpgroup), x is the
 // B operand in shared memory (x first laid out as the kernel copies it, gpu_matmul.x_image). The
 // bf16/fp16 weight is never written anywhere; each weight element is s q + (-s z) in fp32 rounded once to
@@ -220,7 +220,8 @@ __device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[
   }
   if (a.accum) {  // fp32 out += y straight from the fragments: each element is this lane's alone
     float* o = reinterpret_cast<float*>(a.out);
-    for_each_out<BN>(a, m0, row0, t, [&](int i, int m, int row) { o[m * a.stride_om + row] += acc[i] + (i & 2 ? b1 : b0); });
+    for_each_out<BN>(a, m0, row0, t,
+                     [&](int i, int m, int row) { o[m * a.stride_om + row] += acc[i] + (i & 2 ? b1 : b0); });
     return;
   }
   T* st = reinterpret_cast<T*>(stage);
@@ -266,7 +267,8 @@ __device__ __forceinline__ bool split_reduce(const GemmArgs& a, float (&acc)[BN 
   const int row0 = (tile0 + warp) * 16 + g;
   const long long plane = static_cast<long long>(a.M) * a.N;
   float* mine = a.part + blockIdx.z * plane;
-  for_each_out<BN>(a, m0, row0, t, [&](int i, int m, int row) { mine[static_cast<long long>(m) * a.N + row] = acc[i]; });
+  for_each_out<BN>(a, m0, row0, t,
+                   [&](int i, int m, int row) { mine[static_cast<long long>(m) * a.N + row] = acc[i]; });
   __threadfence();  // the partials visible device-wide before the counter says so
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -514,7 +516,7 @@ void launch_gemm(const qlb::GemmArgs& a, int cfg) {
 // One translation unit per bit width and activation type (QLB_TU_GEMM, named by QLB_TU_GEMM_NAME):
 // xs: x's image [4 S, Mp, 64] (x_image); m: x's rows; out [M, N] (or [M, N / 2] with glu), x's dtype, or
 // fp32 [M, N] receiving out += x W^T (accum); splits > 1: K cut in that many ranges, part fp32 [splits, M, N]
-// and sem int32 [blocks] zeroed (gemm_split_sizes)
+// and sem int32 [blocks] zeroed (gpu_matmul._split_workspace)
 void QLB_CAT(QLB_CAT(gemm_b, QLB_TU_BITS), QLB_TU_GEMM_NAME)(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef,
                                                            torch::Tensor bias, torch::Tensor out, int64_t m, int64_t n,
                                                            int64_t log2_spg, bool glu, int64_t cfg, bool accum,
