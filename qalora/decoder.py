@@ -163,6 +163,20 @@ def model_source(model: Any, device: torch.device, dtype: torch.dtype) -> Source
     return src
 
 
+def gemv_pdl(bits: int, staged: bool) -> tuple[bool, bool]:
+    """Which of the decode step's GEMVs are programmatic dependent launches: (qkv and gate_up, which read the
+    normalized stream; o and down, which add into it). ``staged``: the GEMVs stage x and fuse the RMSNorm
+    (``gpu_matmul.stages_x``, batch <= 2 on LLaMA-7B).
+
+    A dependent launch lets a kernel's blocks take SM slots and queue their first weight loads while the kernel
+    before it drains; that pays where it hides the next GEMV's ramp and costs where the early blocks crowd the
+    last ones of the kernel before. Measured, not derived (H200, synthetic LLaMA-7B g128, tok/s, every pair in
+    one run; benchmarks/RESULTS.md round 10): batch 8 with the norm in its own pass, (on, off) against
+    (on, on): 3334 / 3089 at 4 bit, 3331 / 3093 at 3 bit, 3694 / 3652 at 2 bit; batch 1, (on, on) at 4 and 3
+    bit (489 / 509, the others 466-497), (off, on) at 2 bit (569 against 500 with both on)."""
+    return not (staged and bits == 2), staged
+
+
 class StaticDecoder:
     """A static-shape LLaMA decoder over one weight format (``mode``: lowbit, dense, dense_cublas)."""
 
@@ -178,8 +192,15 @@ class StaticDecoder:
         self.final_norm = src.final_norm.clone()
         self.layers: list[dict[str, Any]] = []
         # knobs the benchmarks compare: the large-M path of prefill (gpu_matmul.large_m_path), the decode
-        # attention's context splits (None: decoder_triton.attn_splits) and its dependent launch
+        # attention's context splits (None: decoder_triton.attn_splits), and which decode kernels are
+        # programmatic dependent launches: the attention, the RMSNorm passes, and the GEMVs (a pair: those
+        # that read the normalized stream, qkv and gate_up; those that add into it, o and down; None:
+        # ``gemv_pdl``'s rule)
         self.large_m, self.attn_split_count, self.attn_pdl = "auto", None, False
+        # the norm's dependent launch lets the low-bit GEMV after it start early (batch 8: +5-8%); before
+        # cuBLAS it measured 1% slower (round 10)
+        self.norm_pdl: bool = self.lowbit
+        self.gemv_pdl: tuple[bool, bool] | None = None
         for i in range(a.layers):
             ln1, ln2 = src.norms[i]
             lay: dict[str, Any] = {"ln1": ln1.clone(), "ln2": ln2.clone()}
@@ -238,21 +259,23 @@ class StaticDecoder:
         from qalora.kernels.decoder_triton import attn_decode, rmsnorm, silu_mul
 
         a = self.arch
+        pdl_in, pdl_res = self.gemv_pdl or (gemv_pdl(self.layers[0]["qkv"].bits, gpu.stages_x(self.batch, a.hidden))
+                                            if self.lowbit else (False, False))
         self.h.copy_(self.embed[self.tok])
         for i, lay in enumerate(self.layers):
             if self.mode == "lowbit":
-                self._norm_gemv(lay["qkv"], lay["ln1"], self.qkv)
+                self._norm_gemv(lay["qkv"], lay["ln1"], self.qkv, pdl_in)
             elif self.mode == "dense":
                 gpu.dense_gemv(self.h, lay["qkv"], out=self.qkv, norm_weight=lay["ln1"], eps=a.eps)
             else:
-                rmsnorm(self.h, lay["ln1"], a.eps, self.xn)
+                rmsnorm(self.h, lay["ln1"], a.eps, self.xn, self.norm_pdl)
                 torch.matmul(self.xn, lay["qkv"].t(), out=self.qkv)
             attn_decode(self.qkv, self.kc[i], self.vc[i], self.attn, self.pos, a.inv_freq, a.heads, a.kv_heads,
                         scratch=self.attn_scratch, pdl=self.attn_pdl)
             if self.mode == "lowbit":
-                gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True)
-                self._norm_gemv(lay["gate_up"], lay["ln2"], self.act)
-                gpu.gemv(self.act, lay["down"], out=self.h, accumulate=True)
+                gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True, pdl=pdl_res)
+                self._norm_gemv(lay["gate_up"], lay["ln2"], self.act, pdl_in)
+                gpu.gemv(self.act, lay["down"], out=self.h, accumulate=True, pdl=pdl_res)
             elif self.mode == "dense":
                 gpu.dense_gemv(self.attn, lay["o"], out=self.h, accumulate=True)
                 gpu.dense_gemv(self.h, lay["gate_up"], out=self.gu, norm_weight=lay["ln2"], eps=a.eps)
@@ -260,26 +283,26 @@ class StaticDecoder:
             else:
                 torch.matmul(self.attn, lay["o"].t(), out=self.o)
                 self.h.add_(self.o)
-                rmsnorm(self.h, lay["ln2"], a.eps, self.xn)
+                rmsnorm(self.h, lay["ln2"], a.eps, self.xn, self.norm_pdl)
                 torch.matmul(self.xn, lay["gate_up"].t(), out=self.gu)
                 silu_mul(self.gu, self.act)
                 torch.matmul(self.act, lay["down"].t(), out=self.o)
                 self.h.add_(self.o)
-        rmsnorm(self.h, self.final_norm, a.eps, self.xn)
+        rmsnorm(self.h, self.final_norm, a.eps, self.xn, self.norm_pdl)
         torch.matmul(self.xn, self.lm_head.t(), out=self.logits)
         torch.argmax(self.logits, dim=-1, out=self.tok)
         self.pos.add_(1)
 
-    def _norm_gemv(self, w: Any, norm_weight: torch.Tensor, out: torch.Tensor) -> None:
+    def _norm_gemv(self, w: Any, norm_weight: torch.Tensor, out: torch.Tensor, pdl: bool) -> None:
         """out = rmsnorm(self.h) @ w^T: fused into the low-bit kernel while it stages x (a few rows,
         ``gpu_matmul.stages_x``), else a separate RMSNorm pass into ``self.xn``."""
         from qalora.kernels import gpu_matmul as gpu
         from qalora.kernels.decoder_triton import rmsnorm
 
         if gpu.stages_x(self.batch, self.arch.hidden):
-            gpu.gemv(self.h, w, out=out, norm_weight=norm_weight, eps=self.arch.eps, dtype=self.dtype)
+            gpu.gemv(self.h, w, out=out, norm_weight=norm_weight, eps=self.arch.eps, dtype=self.dtype, pdl=pdl)
         else:
-            gpu.gemv(rmsnorm(self.h, norm_weight, self.arch.eps, self.xn), w, out=out)
+            gpu.gemv(rmsnorm(self.h, norm_weight, self.arch.eps, self.xn, self.norm_pdl), w, out=out, pdl=pdl)
 
     def _linear(self, x: torch.Tensor, w: Any) -> torch.Tensor:
         if self.lowbit:

@@ -14,22 +14,28 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
-def _rmsnorm_kernel(h_ptr, w_ptr, out_ptr, eps, stride_h, stride_o, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[r] = h[r] / rms(h[r]) * w."""
+def _rmsnorm_kernel(h_ptr, w_ptr, out_ptr, eps, stride_h, stride_o, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PDL: tl.constexpr):
+    """out[r] = h[r] / rms(h[r]) * w. PDL: a programmatic dependent launch (the norm weight, which no kernel
+    writes, is read before waiting for the kernel before it; the kernel after it may start at once)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (h * r * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rmsnorm(h: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
-    """h fp32 [R, D], w [D] -> out [R, D] (out's dtype)."""
+def rmsnorm(h: torch.Tensor, w: torch.Tensor, eps: float, out: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+    """h fp32 [R, D], w [D] -> out [R, D] (out's dtype); ``pdl``: see ``_rmsnorm_kernel``."""
     r, d = h.shape
     _rmsnorm_kernel[(r,)](h, w, out, eps, h.stride(0), out.stride(0), D=d,
-                          BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+                          BLOCK_D=triton.next_power_of_2(d), PDL=pdl, num_warps=4,
+                          **({"launch_pdl": True} if pdl else {}))
     return out
 
 

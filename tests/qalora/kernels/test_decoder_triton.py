@@ -76,3 +76,35 @@ def test_attn_splits_fill_the_gpu():
     assert attn_splits(1, 32, 4096, 132) == 16  # 32 heads x 16 splits >= 2 x 132 SMs
     assert attn_splits(8, 32, 4096, 132) == 2
     assert attn_splits(32, 32, 4096, 132) == 1
+
+
+def test_rmsnorm_dependent_launch_reads_its_predecessors_output():
+    """The RMSNorm as a dependent launch right after the kernel that writes its input (a chain of adds into
+    the stream, then the norm, then a GEMM on its output) gives the plain launch's bits and the fp64
+    reference's values, eagerly and replayed in a CUDA graph."""
+    from qalora.kernels.decoder_triton import rmsnorm
+
+    torch.manual_seed(0)
+    r, d = 8, 4096
+    h0 = torch.randn(r, d, device="cuda")
+    w = 1 + 0.1 * torch.randn(d, device="cuda")
+    big = torch.randn(r, d, device="cuda")  # the adds take long enough that an early read would see h0
+    outs = {}
+    for pdl in (False, True):
+        h = h0.clone()
+        out = torch.empty(r, d, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            h.copy_(h0)
+            for _ in range(4):
+                h.add_(big)
+            rmsnorm(h, w, 1e-6, out, pdl=pdl)
+
+        step()
+        torch.cuda.synchronize()
+        outs[pdl] = out.clone()
+        assert_graph_replays(step, out, outs[pdl])
+    assert torch.equal(outs[True], outs[False])
+    hr = (h0 + 4 * big).double()
+    ref = hr * torch.rsqrt(hr.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert float((outs[True].double() - ref).abs().max()) < 3e-2
