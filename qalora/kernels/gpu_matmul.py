@@ -112,9 +112,9 @@ def gemv(
       shared-memory load pipeline: tuning knobs, the defaults are the measured best on an H200.
     - ``pdl``: a programmatic dependent launch: the kernel's blocks may start, and ask for their first
       weights, while the kernel before it on the stream finishes; they wait for it before they touch
-      x or ``out``, so the result is the same bits either way. Measured on an H200 with 32 LLaMA-7B
-      layers' GEMVs back to back: 2-3% less time per layer at M = 16 and 32, within +1-2.5% at M = 1
-      and 8 (benchmarks/RESULTS.md, round 4).
+      x or ``out``, so the result is the same bits either way. Whether it pays depends on the kernels
+      around it: the decoder picks it per role and bit width (``decoder.gemv_pdl``, measured in
+      benchmarks/RESULTS.md round 10).
     """
     m, k = x.shape
     n = pw.out_features
