@@ -79,16 +79,17 @@ def test_attn_splits_fill_the_gpu():
 
 
 def test_rmsnorm_dependent_launch_reads_its_predecessors_output():
-    """The RMSNorm as a dependent launch right after the kernel that writes its input (a chain of adds into
-    the stream, then the norm, then a GEMM on its output) gives the plain launch's bits and the fp64
-    reference's values, eagerly and replayed in a CUDA graph."""
+    """The RMSNorm as a dependent launch right after the kernels that write its input (adds into the stream)
+    gives the plain launch's bits and the fp64 reference's values, eagerly and replayed in a CUDA graph.
+    (The adds never trigger early; a predecessor that does is the decoder's GEMV, covered by the batch-8
+    decoder test in test_bench_harness.py.)"""
     from qalora.kernels.decoder_triton import rmsnorm
 
     torch.manual_seed(0)
     r, d = 8, 4096
     h0 = torch.randn(r, d, device="cuda")
     w = 1 + 0.1 * torch.randn(d, device="cuda")
-    big = torch.randn(r, d, device="cuda")  # the adds take long enough that an early read would see h0
+    big = torch.randn(r, d, device="cuda")
     outs = {}
     for pdl in (False, True):
         h = h0.clone()
