@@ -139,7 +139,8 @@ def bench(rows: list, ms: list[int], configs: list[int], bits: int) -> None:
                 e = gpu_matmul._empty(x.device)
                 xs = gpu_matmul.x_image(x, steps)
                 res["wgmma_kernel_only"] = time_us(lambda: ext().gemm(xs, pw.tiles, pw.coef, e, out, bits, m, n,
-                                                                      pw.log2_spg, glu, best), calls=10, reps=7)
+                                                                      pw.log2_spg, glu, best, False, 1, e, e),
+                                                   calls=10, reps=7)
             flops = 2 * m * n * k
             row = {"kind": "time", "bits": bits, "shape": name, "n": n, "k": k, "m": m, "us": res, "best_config": best,
                    "TFLOPs_cublas": flops / res["cublas_bf16"] / 1e6}

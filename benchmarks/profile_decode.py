@@ -3,8 +3,9 @@ torch.profiler over eager steps, beside the step's CUDA-graph replay time (``qal
 
     PYTHONPATH=. python3 benchmarks/profile_decode.py --cases lowbit:4:1,lowbit:4:8,dense_cublas:16:8 --json OUT.json
 
-A case is ``mode:bits:batch`` (bits are ignored by the dense modes). ``graph - kernels`` is what the replay
-spends outside the kernels' own time: launch gaps and ramps between dependent kernels.
+A case is ``mode:bits:batch``, or ``mode:bits:pT`` for a batch-1 prefill of T tokens (``time_prefill``); bits are
+ignored by the dense modes. ``graph - kernels`` is what the replay spends outside the kernels' own time: launch gaps
+and ramps between dependent kernels.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qalora.bench import time_decode
+from qalora.bench import time_decode, time_prefill
 from qalora.decoder import StaticDecoder, synthetic_source
 
 # kernel name fragment -> kind (first match wins)
-KINDS = (("gemm_kernel", "wgmma_gemm"), ("x_image", "x_image"), ("lowbit", "gemv"), ("gemv", "gemv"),
-         ("attn", "attention"), ("rmsnorm", "rmsnorm"), ("silu", "silu_mul"), ("gemm", "cublas"), ("splitK", "cublas"),
+KINDS = (("gemm_kernel", "wgmma_gemm"), ("x_image", "x_image"), ("dequant", "dequant"), ("lowbit", "gemv"),
+         ("gemv", "gemv"), ("attn", "attention"), ("flash", "attention"), ("fmha", "attention"), ("rmsnorm", "rmsnorm"), ("silu", "silu_mul"), ("gemm", "cublas"), ("splitK", "cublas"),
          ("Kernel2", "cublas"), ("nvjet", "cublas"), ("argmax", "argmax"), ("reduce", "argmax"),
          ("index", "embed"), ("copy", "copy"), ("add", "add"))
 
@@ -31,17 +32,24 @@ def kind(name: str) -> str:
     return next((k for frag, k in KINDS if frag.lower() in low), "other")
 
 
-def eager_profile(hn: StaticDecoder, batch: int, steps: int = 3) -> dict:
-    """Mean per-step kernel µs by kind, kernel count per step, and the five costliest kernel names."""
-    hn.alloc(batch, 256)
-    hn.pos.fill_(128)
+def eager_profile(hn: StaticDecoder, batch: int, prefill: int = 0, steps: int = 3) -> dict:
+    """Mean per-step (or per-prefill of ``prefill`` tokens) kernel µs by kind, kernel count per step, and the
+    five costliest kernel names."""
+    if prefill:
+        hn.alloc(1, prefill)
+        ids = torch.randint(0, hn.arch.vocab, (prefill,), device=hn.embed.device)
+        fn = lambda: hn.prefill(ids)  # noqa: E731
+    else:
+        hn.alloc(batch, 256)
+        hn.pos.fill_(128)
+        fn = hn.decode_step
     with torch.no_grad():
         for _ in range(2):
-            hn.decode_step()
+            fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                hn.decode_step()
+                fn()
             torch.cuda.synchronize()
     hn.free()
     by_kind: dict[str, float] = defaultdict(float)
@@ -74,9 +82,11 @@ def main() -> None:
             decoders[key] = StaticDecoder(synthetic_source("llama-7b", key[1], 128, dev, torch.bfloat16), mode,
                                           torch.bfloat16)
         hn = decoders[key]
+        prefill = int(batch[1:]) if batch.startswith("p") else 0
         with torch.no_grad():
-            graph_ms = time_decode(hn, int(batch), 128, 32, 3)["ms_per_step"]
-        r = eager_profile(hn, int(batch))
+            graph_ms = (time_prefill(hn, prefill, 3) if prefill else
+                        time_decode(hn, int(batch), 128, 32, 3)["ms_per_step"])
+        r = eager_profile(hn, 1 if prefill else int(batch), prefill)
         r["graph_us"] = graph_ms * 1000
         out[case] = r
         kinds = " ".join(f"{k}={v:.0f}" for k, v in r["by_kind_us"].items())

@@ -197,6 +197,7 @@ class StaticDecoder:
         # that read the normalized stream, qkv and gate_up; those that add into it, o and down; None:
         # ``gemv_pdl``'s rule)
         self.large_m, self.attn_split_count, self.attn_pdl = "auto", None, False
+        self.attn_kw: dict[str, Any] = {}  # more attn_decode arguments (block_s, num_warps, ...)
         # the norm's dependent launch lets the low-bit GEMV after it start early (batch 8: +5-8%); before
         # cuBLAS it measured 1% slower (round 10)
         self.norm_pdl: bool = self.lowbit
@@ -271,7 +272,7 @@ class StaticDecoder:
                 rmsnorm(self.h, lay["ln1"], a.eps, self.xn, self.norm_pdl)
                 torch.matmul(self.xn, lay["qkv"].t(), out=self.qkv)
             attn_decode(self.qkv, self.kc[i], self.vc[i], self.attn, self.pos, a.inv_freq, a.heads, a.kv_heads,
-                        scratch=self.attn_scratch, pdl=self.attn_pdl)
+                        scratch=self.attn_scratch, pdl=self.attn_pdl, **self.attn_kw)
             if self.mode == "lowbit":
                 gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True, pdl=pdl_res)
                 self._norm_gemv(lay["gate_up"], lay["ln2"], self.act, pdl_in)

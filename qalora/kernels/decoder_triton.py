@@ -191,15 +191,28 @@ class AttnScratch:
         return self.part.shape[2]
 
 
-def attn_splits(batch: int, heads: int, max_seq: int, sms: int, chunk: int = 64) -> int:
+def attn_splits(batch: int, heads: int, max_seq: int, sms: int, chunk: int = 16) -> int:
     """Context splits per (sequence, head), a power of two: enough programs to fill the SMs twice, no split
-    shorter than ``chunk`` positions; 1 when batch x heads already fills them."""
+    shorter than ``chunk`` positions; 1 when batch x heads already fills them. (H200, LLaMA-7B, B = 1, context
+    128: 8 splits of 25 positions 5.68 us a layer against 5.79 with 4, and +2.9% INT4 decode; RESULTS round 11.)"""
     want = -(-2 * sms // (batch * heads))
     most = -(-max_seq // chunk)
     splits = 1
     while splits * 2 <= most and splits < want:  # a power of two (the merge's tl.arange)
         splits *= 2
     return splits
+
+
+def attn_block_s(programs: int, max_seq: int, splits: int, sms: int) -> int:
+    """Cached positions per loop step of the decode attention: 32 when the GPU holds over 6 programs per SM
+    (they hide each other's latency), else the largest power of two in [32, 128] that a split's share of
+    ``max_seq`` fills, so a program issues more of its loads at once. H200, LLaMA-7B, us a layer (RESULTS round
+    11): B = 16 context 128 12.87 with 128 against 14.65 with 32, context 1024 70.1 against 86.5; B = 32
+    (7.8 programs per SM) 21.7 with 32 against 23.8 with 128."""
+    if programs > 6 * sms:
+        return 32
+    span = max(1, max_seq // splits)
+    return max(32, min(128, 1 << (span.bit_length() - 1)))
 
 
 def attn_scratch(batch: int, heads: int, head_dim: int, splits: int, device: torch.device) -> AttnScratch | None:
@@ -216,14 +229,14 @@ def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """See ``_attn_decode_kernel``; ``pos`` is an int32 [1] device tensor (graph-replayable). ``scratch``
     (:func:`attn_scratch`) splits the cached context over ``scratch.splits`` programs per head.
 
-    ``block_s`` (positions per loop step) defaults to 32, 64 for splits of over 256 cached positions, and
-    2 warps: the fastest on an H200 for B = 1/8/32 at context 128 and 1024 (benchmarks/RESULTS.md,
-    round 5)."""
+    ``block_s`` (positions per loop step) defaults to :func:`attn_block_s`; 2 warps: the fastest on an H200
+    for B = 1/8/16/32 at context 128 and 1024 (benchmarks/RESULTS.md, rounds 5 and 11)."""
     b = qkv.shape[0]
     dh = k_cache.shape[-1]
     splits = 1 if scratch is None else scratch.splits
     if block_s is None:
-        block_s = 64 if splits > 1 and k_cache.shape[2] > 256 * splits else 32
+        block_s = attn_block_s(b * n_heads * splits, k_cache.shape[2], splits,
+                               torch.cuda.get_device_properties(qkv.device).multi_processor_count)
     part, cnt = (out, pos) if scratch is None else (scratch.part, scratch.count)
     _attn_decode_kernel[(b, n_heads, splits)](
         qkv, k_cache, v_cache, out, pos, inv_freq, part, cnt, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),

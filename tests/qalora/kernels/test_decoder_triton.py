@@ -70,12 +70,18 @@ def test_attention_context_splits(pdl):
 
 
 def test_attn_splits_fill_the_gpu():
-    from qalora.kernels.decoder_triton import attn_splits
+    from qalora.kernels.decoder_triton import attn_block_s, attn_splits
 
-    assert attn_splits(1, 32, 200, 132) == 4  # 200 positions: no split under 64 of them
-    assert attn_splits(1, 32, 4096, 132) == 16  # 32 heads x 16 splits >= 2 x 132 SMs
+    assert attn_splits(1, 32, 200, 132) == 8  # 32 heads x 8 splits >= 2 x 132 SMs, 25 positions each
+    assert attn_splits(1, 32, 40, 132) == 2  # no split under 16 positions
+    assert attn_splits(1, 32, 4096, 132) == 16
     assert attn_splits(8, 32, 4096, 132) == 2
     assert attn_splits(32, 32, 4096, 132) == 1
+    # positions per loop step: 32 with over 6 programs per SM, else what a split's share fills, 32..128
+    assert attn_block_s(32 * 32, 200, 1, 132) == 32
+    assert attn_block_s(16 * 32, 200, 1, 132) == 128
+    assert attn_block_s(32 * 16, 1096, 16, 132) == 64
+    assert attn_block_s(32 * 8, 200, 8, 132) == 32
 
 
 def test_rmsnorm_dependent_launch_reads_its_predecessors_output():
