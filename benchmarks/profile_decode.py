@@ -22,9 +22,9 @@ from qalora.decoder import StaticDecoder, synthetic_source
 
 # kernel name fragment -> kind (first match wins)
 KINDS = (("gemm_kernel", "wgmma_gemm"), ("x_image", "x_image"), ("dequant", "dequant"), ("lowbit", "gemv"),
-         ("gemv", "gemv"), ("attn", "attention"), ("flash", "attention"), ("fmha", "attention"), ("rmsnorm", "rmsnorm"), ("silu", "silu_mul"), ("gemm", "cublas"), ("splitK", "cublas"),
-         ("Kernel2", "cublas"), ("nvjet", "cublas"), ("argmax", "argmax"), ("reduce", "argmax"),
-         ("index", "embed"), ("copy", "copy"), ("add", "add"))
+         ("gemv", "gemv"), ("attn", "attention"), ("flash", "attention"), ("fmha", "attention"), ("rmsnorm", "rmsnorm"),
+         ("silu", "silu_mul"), ("gemm", "cublas"), ("splitK", "cublas"), ("Kernel2", "cublas"), ("nvjet", "cublas"),
+         ("argmax", "argmax"), ("reduce", "argmax"), ("index", "embed"), ("copy", "copy"), ("add", "add"))
 
 
 def kind(name: str) -> str:
@@ -38,7 +38,9 @@ def eager_profile(hn: StaticDecoder, batch: int, prefill: int = 0, steps: int = 
     if prefill:
         hn.alloc(1, prefill)
         ids = torch.randint(0, hn.arch.vocab, (prefill,), device=hn.embed.device)
-        fn = lambda: hn.prefill(ids)  # noqa: E731
+
+        def fn() -> None:
+            hn.prefill(ids)
     else:
         hn.alloc(batch, 256)
         hn.pos.fill_(128)

@@ -194,7 +194,7 @@ class AttnScratch:
 def attn_splits(batch: int, heads: int, max_seq: int, sms: int, chunk: int = 16) -> int:
     """Context splits per (sequence, head), a power of two: enough programs to fill the SMs twice, no split
     shorter than ``chunk`` positions; 1 when batch x heads already fills them. (H200, LLaMA-7B, B = 1, context
-    128: 8 splits of 25 positions 5.68 us a layer against 5.79 with 4, and +2.9% INT4 decode; RESULTS round 11.)"""
+    128: 8 splits of 25 positions 5.68 us a layer against 5.79 with 4, and +3.0% INT4 decode; RESULTS round 11.)"""
     want = -(-2 * sms // (batch * heads))
     most = -(-max_seq // chunk)
     splits = 1
