@@ -5,7 +5,8 @@
 The low-bit decoder with the decode attention's context splits on (auto) with and without its dependent
 launch and off (one program per head, rounds 1-4), then prefill with dequantize + cuBLAS, with the
 wgmma dequant-GEMM and with ``auto``'s mix of the two (``PREFILL``); bf16 cuBLAS (``dense_cublas``) with the same attention variants and
-cuBLAS prefill.
+cuBLAS prefill. ``--variant NAME=SOURCE`` also times the low-bit decode with another version of
+``lowbit_cuda.cu`` (``cuda_ext.build``) on the same model in the same process, before the shipped kernels.
 The same harness as ``qalora bench`` (``time_decode``/``time_prefill``: CUDA-graph replays, context 128,
 64 steps, median of ``--reps``).
 """
@@ -13,6 +14,7 @@ The same harness as ``qalora bench`` (``time_decode``/``time_prefill``: CUDA-gra
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 
 from qalora.bench import copy_bandwidth, time_decode, time_prefill  # noqa: E402
 from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
-from qalora.kernels import gpu_matmul  # noqa: E402
+from qalora.kernels import cuda_ext, gpu_matmul  # noqa: E402
 from qalora.kernels.gpu_matmul import wgmma_available  # noqa: E402
 
 ATTN = {"split+pdl": (None, True), "split": (None, False), "one program per head": (1, False)}
@@ -67,6 +69,8 @@ def main() -> None:
     ap.add_argument("--prefill", default="512,2048")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="activation / compute dtype")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=SOURCE: decode with that lowbit_cuda.cu too")
     ap.add_argument("--attn", default=",".join(ATTN), help="attention variants to time")
     ap.add_argument("--wgmma-min-m", default=str(gpu_matmul.WGMMA_MIN_M),
                     help="decode batches from which the low-bit GEMMs run the wgmma GEMM (gpu_matmul.WGMMA_MIN_M)")
@@ -74,12 +78,18 @@ def main() -> None:
     min_ms = [int(v) for v in args.wgmma_min_m.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     prefills = [int(t) for t in args.prefill.split(",") if t]
-    dt = torch.bfloat16
+    dt = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     src = synthetic_source(args.model, args.bits, args.group_size, torch.device("cuda"), dt)
     out: dict = {"env": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "python": platform.python_version()},
                  "args": vars(args), "copy_bandwidth_GBps": copy_bandwidth()}
     hn = StaticDecoder(src, "lowbit", dt)
+    shipped_ext = gpu_matmul.ext
+    for spec in args.variant:  # every kernel call goes through gpu_matmul.ext
+        name, _, path = spec.partition("=")
+        gpu_matmul.ext = functools.partial(cuda_ext.build, Path(path).read_text())  # cached after the first
+        out.setdefault("lowbit_variants", {})[name] = run(hn, batches, [], (), args.reps, args.attn.split(","), min_ms)
+    gpu_matmul.ext = shipped_ext
     paths = PREFILL if wgmma_available(torch.device("cuda")) else ("dequant",)
     out["lowbit"] = run(hn, batches, prefills, paths, args.reps, args.attn.split(","), min_ms)
     out["lowbit"]["bytes_per_step"] = hn.weight_bytes()

@@ -7,8 +7,11 @@ reference, then timed as CUDA-graph replays over weight copies rotated past the 
 timer), on the LLaMA-7B projection shapes at each M, with torch's tinygemm INT4 on the same weights as the
 peer in the same run. Also the fused-RMSNorm and 3-/2-bit paths at M = 1.
 
-    git show a919170:qalora/kernels/lowbit_cuda.cu > .gpu/lowbit_cuda_a919170.cu
-    python benchmarks/kernel_ab.py --variant old=.gpu/lowbit_cuda_a919170.cu --variant new=shipped --json $OUT/kernel_ab.json
+    git apply benchmarks/patches/gemv_steploop_r13.patch && cp qalora/kernels/lowbit_cuda.cu .gpu/steploop.cu && git checkout qalora/kernels/lowbit_cuda.cu
+    python benchmarks/kernel_ab.py --variant steploop=.gpu/steploop.cu --variant shipped=shipped --json $OUT/kernel_ab.json
+
+A SOURCE must have the launchers' error-text interface of round 13 (``char* err``, ``cuda_ext.BINDING``): older
+versions of the file no longer link against the binding.
 
 ``--chain L`` also times L LLaMA-7B layers' GEMVs back to back in one CUDA graph (fused-norm qkv, o into the
 residual, fused-norm gate|up with SiLU*up, down into the residual; no attention) per variant, checking
@@ -53,19 +56,22 @@ def prepared(q, s, z, bits: int, group: int):
     return prepare_layer(layer)
 
 
+DTYPE = torch.bfloat16  # compute dtype (--dtype)
+
+
 def call(variant, x, pw, out, epi: int, norm_weight, warps: int, stages: int) -> torch.Tensor:
-    """``variant``'s gemv of x [M, K] into ``out`` (epilogue ``epi``, bf16 compute)."""
+    """``variant``'s gemv of x [M, K] into ``out`` (epilogue ``epi``, DTYPE compute)."""
     mod, pdl = variant
     empty = _empty(x.device)  # no norm weight / no bias
     mod.gemv(x, empty if norm_weight is None else norm_weight, pw.tiles, pw.coef, empty, out, pw.bits,
-             pw.out_features, pw.in_features, pw.log2_spg, epi, 1e-6, warps, stages, True, pdl)
+             pw.out_features, pw.in_features, pw.log2_spg, epi, 1e-6, warps, stages, DTYPE == torch.bfloat16, pdl)
     return out
 
 
 def caller(variant, pw, warps: int, stages: int, norm_weight: torch.Tensor | None):
-    """x [M, K] -> bf16 [M, N] through ``variant``'s gemv with this launch (epilogue STORE)."""
+    """x [M, K] -> DTYPE [M, N] through ``variant``'s gemv with this launch (epilogue STORE)."""
     def fn(x):
-        out = torch.empty(x.shape[0], pw.out_features, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(x.shape[0], pw.out_features, device="cuda", dtype=DTYPE)
         return call(variant, x, pw, out, 0, norm_weight, warps, stages)
     return fn
 
@@ -77,10 +83,10 @@ def run_case(variants, shape: str, n: int, k: int, bits: int, group: int, ms, la
     pws = [prepared(*w, bits, group) for w in weights]
     nw = torch.rand(k, device="cuda") + 0.5 if norm else None
     for m in ms:
-        x = torch.randn(m, k, device="cuda", dtype=torch.float32 if norm else torch.bfloat16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float32 if norm else DTYPE)
         xin = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * nw if norm else x.float()
         ref = xin @ dequant_ref(*weights[0], group).t()
-        if bits == 4 and not norm:
+        if bits == 4 and not norm and DTYPE == torch.bfloat16:  # tinygemm takes bf16
             row = {"shape": shape, "N": n, "K": k, "M": m, "bits": bits, "group": group, "norm": norm,
                    "variant": "tinygemm", "warps": None, "stages": None}
             fns = [tinygemm(*w, group) for w in weights]
@@ -208,7 +214,10 @@ def main() -> None:
                     help="also the RMSNorm, 3-/2-bit and group 32/64 cases")
     ap.add_argument("--chain", type=int, default=0, help="layers of the back-to-back GEMV chain (0: none)")
     ap.add_argument("--chain-m", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="compute dtype of the per-GEMV cases")
     args = ap.parse_args()
+    global DTYPE
+    DTYPE = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     variants = [parse_variant(v) for v in args.variant]
     launches = [(w, s) for w in args.warps for s in args.stages]
     out = {"env": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}, "argv": sys.argv, "rows": []}

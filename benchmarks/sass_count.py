@@ -34,10 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "qalora" / "kernels" / "lowbit_cuda.cu"
 GEMM_SOURCE = ROOT / "qalora" / "kernels" / "lowbit_gemm.cu"
 # (name, T, BITS, NT, NORM, SX, R): the decoder's M = 1 paths (staged x, fused norm or not), M = 8, M = 32;
-# two tiles per block throughout, as round 5 shipped them (4 bit at M <= 4 now ships one: half the step)
+# two tiles per block as round 5 shipped them, and the one tile 4 bit ships at M <= 4 (".r1", bf16 and fp16)
 CASES = [
     ("m1.norm.int4", "__nv_bfloat16", 4, 1, "true", "true", 2),
     ("m1.int4", "__nv_bfloat16", 4, 1, "false", "true", 2),
+    ("m1.int4.r1", "__nv_bfloat16", 4, 1, "false", "true", 1),
+    ("m1.norm.int4.r1", "__nv_bfloat16", 4, 1, "true", "true", 1),
+    ("m1.f16.int4.r1", "__half", 4, 1, "false", "true", 1),
     ("m1.int3", "__nv_bfloat16", 3, 1, "false", "true", 2),
     ("m1.int2", "__nv_bfloat16", 2, 1, "false", "true", 2),
     ("m1.norm.int3", "__nv_bfloat16", 3, 1, "true", "true", 2),

@@ -22,20 +22,41 @@ import torch
 SOURCE = Path(__file__).with_name("lowbit_cuda.cu")
 GEMM_SOURCE = Path(__file__).with_name("lowbit_gemm.cu")
 BITS = (2, 3, 4)
+ERR_BYTES = 1024  # a launcher's error message, at most (lowbit_cuda.cu's QLB_ERR_BYTES)
 
-# gemv/dequant/gemm dispatch to the per-bit-width launchers of lowbit_cuda.cu and lowbit_gemm.cu
+# gemv/dequant/gemm dispatch to the per-bit-width launchers of lowbit_cuda.cu and lowbit_gemm.cu. The
+# launchers never throw: they leave an error message in `err` and QLB_RAISE raises it here. Messages are
+# formatted with snprintf and TORCH_CHECK is given one finished string: c10::str formatting a number
+# crashed the process on the H200 machine (lowbit_cuda.cu, at QLB_ERR_BYTES).
 BINDING = """
+#include <cstdio>
 #include <torch/extension.h>
 #define QLB_DECL(B)                                                                                          \\
   void gemv_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,   \\
-                 int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool);                 \\
-  void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t);                                   \\
+                 int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool, char*);          \\
+  void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t, char*);                            \\
   void gemm_b##B##_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,      \\
-                       int64_t, int64_t, bool, int64_t, bool, int64_t, torch::Tensor, torch::Tensor);        \\
+                       int64_t, int64_t, bool, int64_t, bool, int64_t, torch::Tensor, torch::Tensor, char*); \\
   void gemm_b##B##_f16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,       \\
-                      int64_t, int64_t, bool, int64_t, bool, int64_t, torch::Tensor, torch::Tensor);
+                      int64_t, int64_t, bool, int64_t, bool, int64_t, torch::Tensor, torch::Tensor, char*);
 QLB_DECL(2) QLB_DECL(3) QLB_DECL(4)
-void gemm_x_image(torch::Tensor, torch::Tensor);
+void gemm_x_image(torch::Tensor, torch::Tensor, char*);
+
+// f(args..., err), then the launcher's error, if any, as a RuntimeError
+#define QLB_RAISE(f, ...)                          \\
+  do {                                             \\
+    char err_[QLB_ERR_BYTES] = "";                 \\
+    f(__VA_ARGS__, err_);                          \\
+    TORCH_CHECK(err_[0] == 0, err_);               \\
+  } while (0)
+
+// fp32 or empty: the optional norm weight and bias, which the launchers read as float
+void check_f32(const torch::Tensor& t, const char* name) {
+  if (t.numel() == 0 || (t.scalar_type() == at::kFloat && t.is_contiguous())) return;
+  char msg[256];
+  std::snprintf(msg, sizeof msg, "%s must be a contiguous fp32 tensor, got %s", name, c10::toString(t.scalar_type()));
+  TORCH_CHECK(false, msg);
+}
 
 // x [M, K] (fp16/bf16, or fp32 with nw), tiles int32 [T, S, bits, 32, 4], coef fp32 [T, Lp, 8, 4],
 // out: [M, N] (epi 0, compute dtype), fp32 [M, N] (epi 1), [M, N/2] (epi 2); pdl: programmatic
@@ -46,17 +67,21 @@ void gemv(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor 
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 32, "gemv takes 1..32 rows");
   TORCH_CHECK(warps >= 1 && warps <= 8, "1..8 warps per block");
   TORCH_CHECK(stages >= 1 && stages <= 4, "1..4 pipeline stages");
-  if (bits == 4) gemv_b4(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
-  else if (bits == 3) gemv_b3(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
-  else if (bits == 2) gemv_b2(x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
+  check_f32(nw, "the norm weight");
+  check_f32(bias, "the bias");
+  if (bits == 4) QLB_RAISE(gemv_b4, x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
+  else if (bits == 3) QLB_RAISE(gemv_b3, x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
+  else if (bits == 2) QLB_RAISE(gemv_b2, x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
 }
 
 // out [N, K] (fp16 / bf16 / fp32) = the dequantized weight
 void dequant(torch::Tensor tiles, torch::Tensor coef, torch::Tensor out, int64_t bits, int64_t log2_spg) {
-  if (bits == 4) dequant_b4(tiles, coef, out, log2_spg);
-  else if (bits == 3) dequant_b3(tiles, coef, out, log2_spg);
-  else if (bits == 2) dequant_b2(tiles, coef, out, log2_spg);
+  const auto t = out.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat, "dequant: out must be fp16, bf16 or fp32");
+  if (bits == 4) QLB_RAISE(dequant_b4, tiles, coef, out, log2_spg);
+  else if (bits == 3) QLB_RAISE(dequant_b3, tiles, coef, out, log2_spg);
+  else if (bits == 2) QLB_RAISE(dequant_b2, tiles, coef, out, log2_spg);
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
 }
 
@@ -71,9 +96,10 @@ void gemm(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef, torch::Tens
 #else
   TORCH_CHECK(xs.scalar_type() == at::kBFloat16 || xs.scalar_type() == at::kHalf, "gemm: x must be fp16 or bf16");
   const bool bf = xs.scalar_type() == at::kBFloat16;
+  check_f32(bias, "the bias");
 #define QLB_GEMM_B(B)                                                                                        \\
-  (bf ? gemm_b##B##_bf16 : gemm_b##B##_f16)(xs, tiles, coef, bias, out, m, n, log2_spg, glu, cfg, accum, splits, \\
-                                            part, sem)
+  QLB_RAISE((bf ? gemm_b##B##_bf16 : gemm_b##B##_f16), xs, tiles, coef, bias, out, m, n, log2_spg, glu, cfg, accum, \\
+            splits, part, sem)
   if (bits == 4) QLB_GEMM_B(4);
   else if (bits == 3) QLB_GEMM_B(3);
   else if (bits == 2) QLB_GEMM_B(2);
@@ -87,7 +113,7 @@ void x_image(torch::Tensor x, torch::Tensor out) {
 #if defined(QLB_NO_GEMM)
   TORCH_CHECK(false, "the wgmma GEMM was not built (it needs a Hopper GPU, sm_90a)");
 #else
-  gemm_x_image(x, out);
+  QLB_RAISE(gemm_x_image, x, out);
 #endif
 }
 
@@ -131,14 +157,15 @@ def build(src: str, defines: tuple[str, ...] = (), gemm_src: str | None = None) 
     name = "qalora_lowbit_" + hashlib.sha256(key.encode()).hexdigest()[:12]
     build_dir = Path(_get_build_directory(name, verbose=False))
     tu = '#define QLB_TU_BITS {}\n#include "lowbit_cuda.cuh"\n'
-    texts = {"binding.cpp": ("" if hopper else "#define QLB_NO_GEMM\n") + BINDING, "lowbit_cuda.cuh": src,
+    texts = {"binding.cpp": ("" if hopper else "#define QLB_NO_GEMM\n") + f"#define QLB_ERR_BYTES {ERR_BYTES}\n" + BINDING,
+             "lowbit_cuda.cuh": src,
              "lowbit_gemm.cuh": gemm_src, **{f"lowbit_b{b}.cu": tu.format(b) for b in BITS}}
     if hopper:  # the GEMM's kernels, one unit per bit width and activation type (x_image in one of them)
         for b in BITS:
-            for name, t in (("bf16", "__nv_bfloat16"), ("f16", "__half")):
-                texts[f"gemm_b{b}_{name}.cu"] = (
-                    f"#define QLB_TU_GEMM {t}\n#define QLB_TU_GEMM_NAME _{name}\n"
-                    + ("#define QLB_TU_X_IMAGE\n" if (b, name) == (4, "bf16") else "")
+            for tname, t in (("bf16", "__nv_bfloat16"), ("f16", "__half")):
+                texts[f"gemm_b{b}_{tname}.cu"] = (
+                    f"#define QLB_TU_GEMM {t}\n#define QLB_TU_GEMM_NAME _{tname}\n"
+                    + ("#define QLB_TU_X_IMAGE\n" if (b, tname) == (4, "bf16") else "")
                     + tu.format(b) + '#include "lowbit_gemm.cuh"\n')
     for fname, text in texts.items():  # rewritten only when changed: a newer file makes ninja rebuild
         f = build_dir / fname
@@ -149,5 +176,5 @@ def build(src: str, defines: tuple[str, ...] = (), gemm_src: str | None = None) 
     os.environ.setdefault("MAX_JOBS", str(len(files)))
     return load(name=name, sources=[str(f) for f in files], build_directory=str(build_dir),
                 extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                                   *(f"-D{d}" for d in defines)],
+                                   f"-DQLB_ERR_BYTES={ERR_BYTES}", *(f"-D{d}" for d in defines)],
                 verbose=False)

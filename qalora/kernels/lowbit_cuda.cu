@@ -537,14 +537,52 @@ __global__ void __launch_bounds__(128) dequant_kernel(const uint4* __restrict__ 
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdarg>
+#include <cstdio>
 #include <unordered_map>
 
 #define QLB_CAT2(a, b) a##b
 #define QLB_CAT(a, b) QLB_CAT2(a, b)
 
+// Errors leave the launchers as text, never as C++ exceptions, and are formatted with vsnprintf, never
+// with std::ostream. On the H200 machine (torch 2.11, nvcc 13.0, benchmarks/RESULTS.md round 13) a
+// TORCH_CHECK whose message held a number killed the process with SIGSEGV instead of raising, in this
+// extension and in a one-line load_inline one alike: the crash is in std::ostream::_M_insert<long> as
+// instantiated inside the extension's .so, which c10::str calls to format the number. Every entry point
+// takes the binding's buffer `err` of QLB_ERR_BYTES (cuda_ext.ERR_BYTES): left empty on success, else
+// the message the binding raises as it is. Checks of the arguments' types are the binding's, so nothing
+// here calls a throwing accessor (data_ptr<T>()).
+#ifndef QLB_ERR_BYTES
+#define QLB_ERR_BYTES 1024
+#endif
+
 // Internal linkage: every translation unit defines launch_gemv<T> for its own BITS, and with
 // external linkage the linker would keep one of them for all three bit widths.
 namespace {
+
+__attribute__((format(printf, 2, 3))) bool fail(char* err, const char* fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(err, QLB_ERR_BYTES, fmt, args);
+  va_end(args);
+  return false;
+}
+// QLB_CHECK(err, cond, printf format, values...): fail unless cond
+#define QLB_CHECK(err, cond, ...) \
+  do {                            \
+    if (!(cond)) return fail(err, __VA_ARGS__); \
+  } while (0)
+#define QLB_CUDA(err, expr)                                                        \
+  do {                                                                             \
+    const cudaError_t e_ = (expr);                                                 \
+    if (e_ != cudaSuccess) return fail(err, "%s: %s", #expr, cudaGetErrorString(e_)); \
+  } while (0)
+
+// The launch's own error (a bad configuration), once the kernels are queued.
+bool launch_error(char* err) {
+  QLB_CUDA(err, cudaGetLastError());
+  return true;
+}
 
 // Staging costs every block a pass over M x K activations (fp32 with NORM) and shared memory that
 // caps the blocks per SM: at M = 1 it paid, at M = 8 it lost (qkv 4 bit, H100: 42 us against 34
@@ -552,23 +590,23 @@ namespace {
 constexpr int SX_MAX_ROWS = 4;
 constexpr int SX_MAX_BYTES = 24 * 1024;
 
-// The most dynamic shared memory a block of ``kern`` may take: the device's opt-in limit less the
-// kernel's static shared memory. The kernel's limit (48 KB by default) is raised to it once per
+// dyn: the most dynamic shared memory a block of ``kern`` may take, the device's opt-in limit less
+// the kernel's static shared memory. The kernel's limit (48 KB by default) is raised to it once per
 // device.
-int smem_optin(const void* kern) {
+bool smem_optin(const void* kern, int& dyn, char* err) {
   static thread_local std::unordered_map<const void*, uint64_t> done;  // kernel -> device bitmask
   int dev = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  QLB_CUDA(err, cudaGetDevice(&dev));
+  QLB_CUDA(err, cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kern));
-  const int dyn = optin - static_cast<int>(attr.sharedSizeBytes);
+  QLB_CUDA(err, cudaFuncGetAttributes(&attr, kern));
+  dyn = optin - static_cast<int>(attr.sharedSizeBytes);
   uint64_t& mask = done[kern];
   if (!(mask & (1ull << dev))) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
+    QLB_CUDA(err, cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, dyn));
     mask |= 1ull << dev;
   }
-  return dyn;
+  return true;
 }
 
 }  // namespace
@@ -603,7 +641,8 @@ namespace {
 // kern<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when pdl is set
 // (gemv_kernel's pdl_trigger / pdl_wait).
 template <typename... Params, typename... Args>
-void launch(void (*kern)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl, Args... args) {
+bool launch(char* err, void (*kern)(Params...), dim3 grid, dim3 block, int smem, cudaStream_t stream, bool pdl,
+            Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -614,13 +653,14 @@ void launch(void (*kern)(Params...), dim3 grid, dim3 block, int smem, cudaStream
   attr.val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, static_cast<Params>(args)...));
+  QLB_CUDA(err, cudaLaunchKernelEx(&cfg, kern, static_cast<Params>(args)...));
+  return true;
 }
 
 template <typename T>
-void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
+bool launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
                  const torch::Tensor& bias, torch::Tensor& out, int M, int N, int K, int log2_spg, int epi, double eps,
-                 int warps, int stages, bool pdl) {
+                 int warps, int stages, bool pdl, char* err) {
   constexpr int BITS = QLB_TU_BITS;
   const int T_ = tiles.size(0), S = tiles.size(1), Lp = coef.size(1);
   const bool norm = nw.numel() > 0;
@@ -631,14 +671,14 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   const int nt = sx || M <= 8 ? 1 : (M <= 16 ? 2 : 4);
   const int r_want = sx ? QLB_R_SX : (M <= 8 ? QLB_R_M8 : (M <= 16 ? QLB_R_M16 : QLB_R_M32));
   const int r = T_ >= r_want * QLB_MIN_BLOCKS ? r_want : 1;
-  TORCH_CHECK(!norm || sx, "the fused RMSNorm needs x staged in shared memory (M <= ", SX_MAX_ROWS, ")");
+  QLB_CHECK(err, !norm || sx, "the fused RMSNorm needs x staged in shared memory (M <= %d)", SX_MAX_ROWS);
   const int groups = (T_ + r - 1) / r;
   qlb::GemvArgs a;
   a.xv = x.data_ptr();
-  a.nw = norm ? nw.data_ptr<float>() : nullptr;
+  a.nw = norm ? static_cast<const float*>(nw.data_ptr()) : nullptr;
   a.tiles = reinterpret_cast<const uint4*>(tiles.data_ptr());
   a.coef = reinterpret_cast<const float4*>(coef.data_ptr());
-  a.bias = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
+  a.bias = bias.numel() > 0 ? static_cast<const float*>(bias.data_ptr()) : nullptr;
   a.outv = out.data_ptr();
   a.M = M; a.N = N; a.K = K; a.S = S; a.Lp = Lp; a.log2_spg = log2_spg;
   a.stride_xm = x.stride(0); a.stride_om = out.stride(0);
@@ -651,14 +691,15 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   const int slot_bytes = r * (BITS * 32 + ng * 8) * 16;
   const int smem = (sx ? x_bytes : 0) + warps * std::max(a.nst * slot_bytes, r * nt * 4 * 32 * 4);
   const dim3 block(32 * warps);
-#define QLB_GEMV(NT, NORM, SX, R, GS)                                                                               \
-  do {                                                                                                              \
-    auto kern = qlb::gemv_kernel<T, BITS, NT, NORM, SX, R, GS>;                                                     \
-    const int dyn_max = smem_optin(reinterpret_cast<const void*>(kern));                                            \
-    TORCH_CHECK(smem <= dyn_max, "gemv needs ", smem, " bytes of shared memory, the device allows ", dyn_max,       \
-                "; use fewer warps or stages");                                                                     \
-    launch(kern, dim3(groups), block, smem, stream, pdl, a);                                                        \
-  } while (0)
+  auto go = [&](auto kern) {
+    int dyn_max = 0;
+    if (!smem_optin(reinterpret_cast<const void*>(kern), dyn_max, err)) return false;
+    QLB_CHECK(err, smem <= dyn_max,
+              "gemv needs %d bytes of shared memory, the device allows %d; use fewer warps or stages", smem, dyn_max);
+    return launch(err, kern, dim3(groups), block, smem, stream, pdl, a);
+  };
+  bool ok = false;
+#define QLB_GEMV(NT, NORM, SX, R, GS) ok = go(qlb::gemv_kernel<T, BITS, NT, NORM, SX, R, GS>)
   // Up to 16 rows, groups of 128 (4 spans: the common case) compile the group epilogue for that size,
   // with no test and branch per span (SASS, step loop at M = 1: 467 instructions against ~710 run;
   // H200: 15-25% less time at M = 1..16, benchmarks/RESULTS.md round 6). At 32 rows it measured
@@ -694,6 +735,7 @@ void launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
 #undef QLB_GEMV_R
 #undef QLB_GEMV_G
 #undef QLB_GEMV
+  return ok;
 }
 
 template <typename T>
@@ -709,21 +751,25 @@ void launch_dequant(const torch::Tensor& tiles, const torch::Tensor& coef, T* ou
 
 void QLB_CAT(gemv_b, QLB_TU_BITS)(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef,
                                   torch::Tensor bias, torch::Tensor out, int64_t n, int64_t k, int64_t log2_spg,
-                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16, bool pdl) {
+                                  int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16, bool pdl,
+                                  char* err) {
   const int M = x.size(0);
-  if (bf16) launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl);
-  else launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool ok =
+      bf16 ? launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl,
+                                        err)
+           : launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl, err);
+  if (ok) launch_error(err);
 }
 
-void QLB_CAT(dequant_b, QLB_TU_BITS)(torch::Tensor tiles, torch::Tensor coef, torch::Tensor out, int64_t log2_spg) {
+void QLB_CAT(dequant_b, QLB_TU_BITS)(torch::Tensor tiles, torch::Tensor coef, torch::Tensor out, int64_t log2_spg,
+                                     char* err) {
   const int N = out.size(0), K = out.size(1);
   if (out.scalar_type() == at::kBFloat16)
     launch_dequant(tiles, coef, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), N, K, log2_spg);
   else if (out.scalar_type() == at::kHalf)
     launch_dequant(tiles, coef, reinterpret_cast<__half*>(out.data_ptr()), N, K, log2_spg);
-  else launch_dequant(tiles, coef, out.data_ptr<float>(), N, K, log2_spg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  else launch_dequant(tiles, coef, static_cast<float*>(out.data_ptr()), N, K, log2_spg);  // fp32: the binding's check
+  launch_error(err);
 }
 #endif  // QLB_TU_GEMM
 #endif  // QLB_TU_BITS

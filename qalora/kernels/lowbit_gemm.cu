@@ -472,42 +472,45 @@ namespace {
 #endif
 
 template <typename T, int BN, int WG, int KBS, int NS, int CS>
-void launch_gemm_cfg(const qlb::GemmArgs& a) {
+bool launch_gemm_cfg(const qlb::GemmArgs& a, char* err) {
   constexpr int BITS = QLB_TU_BITS;
   const int ng = a.log2_spg >= 3 ? 1 : 8 >> a.log2_spg;  // groups per step
   const int smem = NS * BN * KBS * 32 + 1024          // x ring + alignment of the swizzle atoms
                    + CS * 4 * WG * (BITS * 512 + ng * 128)  // code ring
                    + (NS + CS) * 8;                         // mbarriers
   const dim3 grid((a.M + BN - 1) / BN, (a.ntiles + 4 * WG - 1) / (4 * WG), a.splits), block(128 * WG);
-  TORCH_CHECK(grid.y <= 65535, "gemm: too many weight rows for one launch");
-  TORCH_CHECK(a.splits == 1 || BN <= 64, "gemm: split K is built for blocks of up to 64 x rows, not ", BN);
-  TORCH_CHECK(a.splits == 1 || static_cast<long long>(grid.x) * grid.y <= a.nsem, "gemm: split K needs ",
-              grid.x * grid.y, " counters, sem has ", a.nsem);
+  QLB_CHECK(err, grid.y <= 65535, "gemm: too many weight rows for one launch");
+  QLB_CHECK(err, a.splits == 1 || BN <= 64, "gemm: split K is built for blocks of up to 64 x rows, not %d", BN);
+  QLB_CHECK(err, a.splits == 1 || static_cast<long long>(grid.x) * grid.y <= a.nsem,
+            "gemm: split K needs %lld counters, sem has %lld", static_cast<long long>(grid.x) * grid.y,
+            static_cast<long long>(a.nsem));
   auto go = [&](auto kern) {
-    const int dyn_max = smem_optin(reinterpret_cast<const void*>(kern));
-    TORCH_CHECK(smem <= dyn_max, "gemm needs ", smem, " bytes of shared memory, the device allows ", dyn_max);
+    int dyn_max = 0;
+    if (!smem_optin(reinterpret_cast<const void*>(kern), dyn_max, err)) return false;
+    QLB_CHECK(err, smem <= dyn_max, "gemm needs %d bytes of shared memory, the device allows %d", smem, dyn_max);
     kern<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(a);
+    return true;
   };
 #ifdef QLB_GEMM_L2S_ONLY  // benchmarks sweeping many block shapes: one group size, a quicker build
-  TORCH_CHECK(std::min(a.log2_spg, 3) == QLB_GEMM_L2S_ONLY, "gemm: built for log2_spg ", QLB_GEMM_L2S_ONLY, " only");
-  go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, QLB_GEMM_L2S_ONLY>);
+  QLB_CHECK(err, std::min(a.log2_spg, 3) == QLB_GEMM_L2S_ONLY, "gemm: built for log2_spg %d only", QLB_GEMM_L2S_ONLY);
+  return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, QLB_GEMM_L2S_ONLY>);
 #else
   switch (std::min(a.log2_spg, 3)) {
-    case 0: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 0>); break;
-    case 1: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 1>); break;
-    case 2: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 2>); break;
-    default: go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 3>); break;
+    case 0: return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 0>);
+    case 1: return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 1>);
+    case 2: return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 2>);
+    default: return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 3>);
   }
 #endif
 }
 
-void launch_gemm(const qlb::GemmArgs& a, int cfg) {
+bool launch_gemm(const qlb::GemmArgs& a, int cfg, char* err) {
   switch (cfg) {
 #define QLB_GEMM_CASE(I, BN, WG, KBS, NS, CS) \
-  case I: launch_gemm_cfg<QLB_TU_GEMM, BN, WG, KBS, NS, CS>(a); break;
+  case I: return launch_gemm_cfg<QLB_TU_GEMM, BN, WG, KBS, NS, CS>(a, err);
     QLB_GEMM_CONFIGS(QLB_GEMM_CASE)
 #undef QLB_GEMM_CASE
-    default: TORCH_CHECK(false, "gemm: no block shape ", cfg);
+    default: return fail(err, "gemm: no block shape %d", cfg);
   }
 }
 
@@ -517,25 +520,27 @@ void launch_gemm(const qlb::GemmArgs& a, int cfg) {
 // xs: x's image [4 S, Mp, 64] (x_image); m: x's rows; out [M, N] (or [M, N / 2] with glu), x's dtype, or
 // fp32 [M, N] receiving out += x W^T (accum); splits > 1: K cut in that many ranges, part fp32 [splits, M, N]
 // and sem int32 [blocks] zeroed (gpu_matmul._split_workspace)
-void QLB_CAT(QLB_CAT(gemm_b, QLB_TU_BITS), QLB_TU_GEMM_NAME)(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef,
-                                                           torch::Tensor bias, torch::Tensor out, int64_t m, int64_t n,
-                                                           int64_t log2_spg, bool glu, int64_t cfg, bool accum,
-                                                           int64_t splits, torch::Tensor part, torch::Tensor sem) {
-  TORCH_CHECK(xs.is_contiguous() && xs.dim() == 3 && xs.size(0) == tiles.size(1) * 4 &&
+namespace {
+bool run_gemm(const torch::Tensor& xs, const torch::Tensor& tiles, const torch::Tensor& coef, const torch::Tensor& bias,
+              torch::Tensor& out, int64_t m, int64_t n, int64_t log2_spg, bool glu, int64_t cfg, bool accum,
+              int64_t splits, const torch::Tensor& part, const torch::Tensor& sem, char* err) {
+  QLB_CHECK(err, xs.is_contiguous() && xs.dim() == 3 && xs.size(0) == tiles.size(1) * 4 &&
                   xs.size(1) == (m + 7) / 8 * 8 && xs.size(2) == 64,
-              "gemm: x's image must be a contiguous [", tiles.size(1) * 4, ", ", (m + 7) / 8 * 8, ", 64] (x_image)");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(xs.data_ptr()) % 16 == 0, "gemm: x's image must be 16-byte aligned");
-  TORCH_CHECK(out.size(0) == m, "gemm: out must have ", m, " rows");
-  TORCH_CHECK(!accum || (out.scalar_type() == at::kFloat && !glu), "gemm: accum takes an fp32 out and no glu");
-  TORCH_CHECK(splits >= 1 && splits <= tiles.size(1), "gemm: 1 ..", tiles.size(1), " splits of K, not ", splits);
-  TORCH_CHECK(splits == 1 || (part.scalar_type() == at::kFloat && part.numel() >= splits * m * n &&
-                              sem.scalar_type() == at::kInt),
-              "gemm: split K needs fp32 part [splits, M, N] and int32 sem");
+            "gemm: x's image must be a contiguous [%lld, %lld, 64] (x_image)",
+            static_cast<long long>(tiles.size(1) * 4), static_cast<long long>((m + 7) / 8 * 8));
+  QLB_CHECK(err, reinterpret_cast<uintptr_t>(xs.data_ptr()) % 16 == 0, "gemm: x's image must be 16-byte aligned");
+  QLB_CHECK(err, out.size(0) == m, "gemm: out must have %lld rows", static_cast<long long>(m));
+  QLB_CHECK(err, !accum || (out.scalar_type() == at::kFloat && !glu), "gemm: accum takes an fp32 out and no glu");
+  QLB_CHECK(err, splits >= 1 && splits <= tiles.size(1), "gemm: 1..%lld splits of K, not %lld",
+            static_cast<long long>(tiles.size(1)), static_cast<long long>(splits));
+  QLB_CHECK(err, splits == 1 || (part.scalar_type() == at::kFloat && part.numel() >= splits * m * n &&
+                                 sem.scalar_type() == at::kInt),
+            "gemm: split K needs fp32 part [splits, M, N] and int32 sem");
   qlb::GemmArgs a;
   a.x = xs.data_ptr();
   a.tiles = reinterpret_cast<const uint4*>(tiles.data_ptr());
   a.coef = reinterpret_cast<const float4*>(coef.data_ptr());
-  a.bias = bias.numel() > 0 ? bias.data_ptr<float>() : nullptr;
+  a.bias = bias.numel() > 0 ? static_cast<const float*>(bias.data_ptr()) : nullptr;  // fp32: the binding's check
   a.out = out.data_ptr();
   a.M = m; a.Mp = (m + 7) / 8 * 8; a.N = n; a.S = tiles.size(1); a.Lp = coef.size(1); a.log2_spg = log2_spg;
   a.ntiles = tiles.size(0);
@@ -543,30 +548,42 @@ void QLB_CAT(QLB_CAT(gemm_b, QLB_TU_BITS), QLB_TU_GEMM_NAME)(torch::Tensor xs, t
   a.glu = glu;
   a.accum = accum;
   a.splits = splits;
-  a.part = splits > 1 ? part.data_ptr<float>() : nullptr;
-  a.sem = splits > 1 ? sem.data_ptr<int>() : nullptr;
+  a.part = splits > 1 ? static_cast<float*>(part.data_ptr()) : nullptr;  // types checked above
+  a.sem = splits > 1 ? static_cast<int*>(sem.data_ptr()) : nullptr;
   a.nsem = sem.numel();
-  launch_gemm(a, cfg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return launch_gemm(a, cfg, err) && launch_error(err);
+}
+}  // namespace
+
+void QLB_CAT(QLB_CAT(gemm_b, QLB_TU_BITS), QLB_TU_GEMM_NAME)(torch::Tensor xs, torch::Tensor tiles, torch::Tensor coef,
+                                                           torch::Tensor bias, torch::Tensor out, int64_t m, int64_t n,
+                                                           int64_t log2_spg, bool glu, int64_t cfg, bool accum,
+                                                           int64_t splits, torch::Tensor part, torch::Tensor sem,
+                                                           char* err) {
+  run_gemm(xs, tiles, coef, bias, out, m, n, log2_spg, glu, cfg, accum, splits, part, sem, err);
 }
 
 #ifdef QLB_TU_X_IMAGE  // one definition, in one translation unit
 // x [M, K] (16-bit, unit column stride, 16-byte aligned rows, K % 8 == 0) -> out [A, Mp, 64], x_image_kernel
-void gemm_x_image(torch::Tensor x, torch::Tensor out) {
-  TORCH_CHECK(x.element_size() == 2 && out.element_size() == 2, "x_image: 16-bit x and out");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) % 8 == 0 &&
+namespace {
+bool run_x_image(const torch::Tensor& x, torch::Tensor& out, char* err) {
+  QLB_CHECK(err, x.element_size() == 2 && out.element_size() == 2, "x_image: 16-bit x and out");
+  QLB_CHECK(err, x.dim() == 2 && x.stride(1) == 1 && x.stride(0) % 8 == 0 && x.size(1) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-              "x_image: x must have unit column stride, K % 8 == 0 and 16-byte aligned rows");
+            "x_image: x must have unit column stride, K %% 8 == 0 and 16-byte aligned rows");
   const int m = x.size(0), k = x.size(1), mp = (m + 7) / 8 * 8, atoms = out.size(0);
-  TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(1) == mp && out.size(2) == 64 && atoms * 64 >= k,
-              "x_image: out must be a contiguous [A, Mp, 64] covering x");
-  if (mp == 0 || atoms == 0) return;
-  TORCH_CHECK((atoms + 7) / 8 <= 65535, "x_image: too many columns for one launch");
+  QLB_CHECK(err, out.is_contiguous() && out.dim() == 3 && out.size(1) == mp && out.size(2) == 64 && atoms * 64 >= k,
+            "x_image: out must be a contiguous [A, Mp, 64] covering x");
+  if (mp == 0 || atoms == 0) return true;
+  QLB_CHECK(err, (atoms + 7) / 8 <= 65535, "x_image: too many columns for one launch");
   const dim3 grid((mp + 31) / 32, (atoms + 7) / 8);
   qlb::x_image_kernel<<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint4*>(x.data_ptr()), reinterpret_cast<uint4*>(out.data_ptr()), m, mp, k,
       x.stride(0) / 8, atoms);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return launch_error(err);
 }
+}  // namespace
+
+void gemm_x_image(torch::Tensor x, torch::Tensor out, char* err) { run_x_image(x, out, err); }
 #endif
 #endif

@@ -266,3 +266,51 @@ def test_prepared_module_on_cuda():
     y = model(x)
     assert float((y.double() - ref.double()).norm() / ref.double().norm()) < 2e-3
     assert torch.equal(model(x.float()), lowbit_linear(x.float(), model[0].prepared))  # fp32: reference path
+
+
+LAUNCHER_ERRORS = """
+import torch
+from qalora.kernels.cuda_ext import ext
+from qalora.kernels.gpu_matmul import wgmma_available
+
+e, dev = ext(), torch.device("cuda")
+empty = torch.empty(0, device=dev)
+tiles = torch.zeros(1, 1, 4, 32, 4, dtype=torch.int32, device=dev)
+coef = torch.zeros(1, 8, 8, 4, device=dev)
+out = torch.zeros(16, 16, device=dev, dtype=torch.bfloat16)
+x, nw = torch.zeros(16, 256, device=dev), torch.ones(256, device=dev)
+calls = [  # 16 rows are too many to stage, so the launcher (nvcc) refuses the fused norm; then the binding (g++)
+    lambda: e.gemv(x, nw, tiles, coef, empty, out, 4, 16, 256, 2, 0, 1e-6, 4, 2, True, False),
+    lambda: e.gemv(x[:1].bfloat16(), nw.half(), tiles, coef, empty, out, 4, 16, 256, 2, 0, 1e-6, 4, 2, True, False),
+]
+if wgmma_available(dev):  # a block shape the GEMM launcher does not have
+    xs = torch.zeros(4, 8, 64, device=dev, dtype=torch.bfloat16)
+    calls.append(lambda: e.gemm(xs, tiles, coef, empty, out[:1], 4, 1, 16, 2, False, 99, False, 1, empty, empty))
+print("WGMMA", wgmma_available(dev))
+for call in calls:
+    try:
+        call()
+        print("NO ERROR")
+    except RuntimeError as err:
+        print("RAISED", str(err).splitlines()[0])
+torch.cuda.synchronize()
+print("STILL OK", float(torch.ones(3, device=dev).sum()))
+"""
+
+
+def test_launcher_errors_raise_instead_of_crashing():
+    """A check that fails inside the extension reaches Python as a RuntimeError that says what is wrong,
+    and the process and its CUDA context go on. In a subprocess: a C++ exception thrown in nvcc-compiled
+    code used to kill the process with SIGSEGV (benchmarks/RESULTS.md, round 13), which would take
+    the test session with it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LAUNCHER_ERRORS], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    wgmma, *raised, last = done.stdout.splitlines()
+    expected = ["RAISED the fused RMSNorm needs x staged in shared memory (M <= 4)",
+                "RAISED the norm weight must be a contiguous fp32 tensor, got Half"]
+    expected += ["RAISED gemm: no block shape 99"] if wgmma == "WGMMA True" else []
+    assert raised == expected, done.stdout
+    assert last == "STILL OK 3.0", done.stdout
