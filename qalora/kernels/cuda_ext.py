@@ -153,7 +153,7 @@ def build(src: str, defines: tuple[str, ...] = (), gemm_src: str | None = None) 
     major, minor = torch.cuda.get_device_capability()
     hopper = major == 9
     gemm_src = GEMM_SOURCE.read_text() if gemm_src is None else gemm_src
-    key = src + gemm_src + BINDING + repr(defines) + repr(hopper)
+    key = src + gemm_src + BINDING + repr(defines) + repr(hopper) + repr(ERR_BYTES)
     name = "qalora_lowbit_" + hashlib.sha256(key.encode()).hexdigest()[:12]
     build_dir = Path(_get_build_directory(name, verbose=False))
     tu = '#define QLB_TU_BITS {}\n#include "lowbit_cuda.cuh"\n'

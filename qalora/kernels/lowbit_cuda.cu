@@ -533,7 +533,6 @@ __global__ void __launch_bounds__(128) dequant_kernel(const uint4* __restrict__ 
 // One translation unit per bit width (cuda_ext.py builds them in parallel): host launchers. The wgmma
 // GEMM's units (QLB_TU_GEMM: one per bit width and activation type) take only smem_optin from here.
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -568,14 +567,15 @@ __attribute__((format(printf, 2, 3))) bool fail(char* err, const char* fmt, ...)
   return false;
 }
 // QLB_CHECK(err, cond, printf format, values...): fail unless cond
-#define QLB_CHECK(err, cond, ...) \
-  do {                            \
+#define QLB_CHECK(err, cond, ...)               \
+  do {                                          \
     if (!(cond)) return fail(err, __VA_ARGS__); \
   } while (0)
-#define QLB_CUDA(err, expr)                                                        \
-  do {                                                                             \
-    const cudaError_t e_ = (expr);                                                 \
-    if (e_ != cudaSuccess) return fail(err, "%s: %s", #expr, cudaGetErrorString(e_)); \
+// QLB_CUDA(err, a CUDA runtime call): fail with the call and CUDA's message unless it succeeded
+#define QLB_CUDA(err, expr)                                                             \
+  do {                                                                                  \
+    const cudaError_t e_ = (expr);                                                      \
+    if (e_ != cudaSuccess) return fail(err, "%s: %s", #expr, cudaGetErrorString(e_));   \
   } while (0)
 
 // The launch's own error (a bad configuration), once the kernels are queued.
