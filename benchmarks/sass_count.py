@@ -46,6 +46,7 @@ CASES = [
     ("m1.norm.int3", "__nv_bfloat16", 3, 1, "true", "true", 2),
     ("m1.norm.int2", "__nv_bfloat16", 2, 1, "true", "true", 2),
     ("m8.int4", "__nv_bfloat16", 4, 1, "false", "false", 2),
+    ("m8.f16.int4", "__half", 4, 1, "false", "false", 2),
     ("m32.int4", "__nv_bfloat16", 4, 4, "false", "false", 2),
 ]
 
