@@ -79,7 +79,7 @@ def ours(q, s, z, bits: int, group: int, warps: int | None = None, stages: int |
 
     def fn(x):
         if x.shape[0] <= gpu_matmul.SKINNY_MAX_M:
-            return gpu_matmul.gemv(x, pw, warps=warps, stages=stages or gpu_matmul.DEFAULT_STAGES, pdl=pdl)
+            return gpu_matmul.gemv(x, pw, warps=warps, stages=stages, pdl=pdl)
         return gpu_matmul.matmul(x, pw)
     return fn
 

@@ -177,6 +177,15 @@ def gemv_pdl(bits: int, staged: bool) -> tuple[bool, bool]:
     return not (staged and bits == 2), staged
 
 
+def norm_epilogue(bits: int) -> bool:
+    """Whether, where the GEMVs fuse the RMSNorm (batch <= 2), o and down also write the next norm's input
+    (``gpu_matmul.NextNorm``), so that gate_up and the next qkv stage 16-bit x * weight and partial sums of
+    squares instead of the fp32 stream and the fp32 weight. Measured (H200, synthetic LLaMA-7B g128, tok/s,
+    on / off in one run, benchmarks/RESULTS.md round 14): 4 bit 536 / 527 at batch 1, 911 / 893 at batch 2;
+    3 bit 535 / 541 and 2 bit 553 / 562 at batch 1, so only at 4 bit."""
+    return bits == 4
+
+
 class StaticDecoder:
     """A static-shape LLaMA decoder over one weight format (``mode``: lowbit, dense, dense_cublas)."""
 
@@ -202,6 +211,9 @@ class StaticDecoder:
         # cuBLAS it measured 1% slower (round 10)
         self.norm_pdl: bool = self.lowbit
         self.gemv_pdl: tuple[bool, bool] | None = None
+        # where the GEMVs fuse the norm (batch <= 2), whether o and down also write the next norm's input
+        # (gpu_matmul.NextNorm; None: ``norm_epilogue``'s rule)
+        self.norm_epilogue: bool | None = None
         for i in range(a.layers):
             ln1, ln2 = src.norms[i]
             lay: dict[str, Any] = {"ln1": ln1.clone(), "ln2": ln2.clone()}
@@ -238,6 +250,7 @@ class StaticDecoder:
         self.attn = torch.empty(batch, a.hidden, device=dev, dtype=dt)
         self.gu = torch.empty(batch, 2 * a.intermediate, device=dev, dtype=dt)
         self.xn = torch.empty(batch, a.hidden, device=dev, dtype=dt)
+        self.ss = torch.empty(batch, -(-a.hidden // 16), device=dev)  # xn's partial sums of squares (NextNorm)
         self.act = torch.empty(batch, a.intermediate, device=dev, dtype=dt)
         self.o = torch.empty(batch, a.hidden, device=dev, dtype=dt)
         self.logits = torch.empty(batch, a.vocab, device=dev, dtype=dt)
@@ -250,7 +263,8 @@ class StaticDecoder:
         self.attn_scratch = attn_scratch(batch, a.heads, a.head_dim, splits, dev)  # shared by the layers
 
     def free(self) -> None:
-        for name in ("tok", "pos", "h", "qkv", "attn", "gu", "xn", "act", "o", "logits", "kc", "vc", "attn_scratch"):
+        for name in ("tok", "pos", "h", "qkv", "attn", "gu", "xn", "ss", "act", "o", "logits", "kc", "vc",
+                     "attn_scratch"):
             setattr(self, name, None)
 
     def decode_step(self) -> None:
@@ -260,12 +274,18 @@ class StaticDecoder:
         from qalora.kernels.decoder_triton import attn_decode, rmsnorm, silu_mul
 
         a = self.arch
-        pdl_in, pdl_res = self.gemv_pdl or (gemv_pdl(self.layers[0]["qkv"].bits, gpu.stages_x(self.batch, a.hidden))
-                                            if self.lowbit else (False, False))
+        staged = self.lowbit and gpu.stages_x(self.batch, a.hidden)
+        bits = self.layers[0]["qkv"].bits if self.lowbit else 16
+        pdl_in, pdl_res = self.gemv_pdl or (gemv_pdl(bits, staged) if self.lowbit else (False, False))
+        epi = staged and (norm_epilogue(bits) if self.norm_epilogue is None else self.norm_epilogue)
+
+        def next_norm(weight: torch.Tensor) -> gpu.NextNorm | None:
+            return gpu.NextNorm(weight, self.xn, self.ss) if epi else None
+
         self.h.copy_(self.embed[self.tok])
         for i, lay in enumerate(self.layers):
             if self.mode == "lowbit":
-                self._norm_gemv(lay["qkv"], lay["ln1"], self.qkv, pdl_in)
+                self._norm_gemv(lay["qkv"], lay["ln1"], self.qkv, pdl_in, epi and i > 0)
             elif self.mode == "dense":
                 gpu.dense_gemv(self.h, lay["qkv"], out=self.qkv, norm_weight=lay["ln1"], eps=a.eps)
             else:
@@ -274,9 +294,11 @@ class StaticDecoder:
             attn_decode(self.qkv, self.kc[i], self.vc[i], self.attn, self.pos, a.inv_freq, a.heads, a.kv_heads,
                         scratch=self.attn_scratch, pdl=self.attn_pdl, **self.attn_kw)
             if self.mode == "lowbit":
-                gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True, pdl=pdl_res)
-                self._norm_gemv(lay["gate_up"], lay["ln2"], self.act, pdl_in)
-                gpu.gemv(self.act, lay["down"], out=self.h, accumulate=True, pdl=pdl_res)
+                gpu.gemv(self.attn, lay["o"], out=self.h, accumulate=True, pdl=pdl_res, next_norm=next_norm(lay["ln2"]))
+                self._norm_gemv(lay["gate_up"], lay["ln2"], self.act, pdl_in, epi)
+                last = i + 1 == len(self.layers)
+                gpu.gemv(self.act, lay["down"], out=self.h, accumulate=True, pdl=pdl_res,
+                         next_norm=None if last else next_norm(self.layers[i + 1]["ln1"]))
             elif self.mode == "dense":
                 gpu.dense_gemv(self.attn, lay["o"], out=self.h, accumulate=True)
                 gpu.dense_gemv(self.h, lay["gate_up"], out=self.gu, norm_weight=lay["ln2"], eps=a.eps)
@@ -294,13 +316,16 @@ class StaticDecoder:
         torch.argmax(self.logits, dim=-1, out=self.tok)
         self.pos.add_(1)
 
-    def _norm_gemv(self, w: Any, norm_weight: torch.Tensor, out: torch.Tensor, pdl: bool) -> None:
+    def _norm_gemv(self, w: Any, norm_weight: torch.Tensor, out: torch.Tensor, pdl: bool, written: bool) -> None:
         """out = rmsnorm(self.h) @ w^T: fused into the low-bit kernel while it stages x (a few rows,
-        ``gpu_matmul.stages_x``), else a separate RMSNorm pass into ``self.xn``."""
+        ``gpu_matmul.stages_x``), from the norm's input the GEMV before wrote (``written``: ``self.xn`` and
+        ``self.ss``, a ``NextNorm``) or from the stream; else a separate RMSNorm pass into ``self.xn``."""
         from qalora.kernels import gpu_matmul as gpu
         from qalora.kernels.decoder_triton import rmsnorm
 
-        if gpu.stages_x(self.batch, self.arch.hidden):
+        if written:
+            gpu.gemv(self.xn, w, out=out, norm_sumsq=self.ss, eps=self.arch.eps, dtype=self.dtype, pdl=pdl)
+        elif gpu.stages_x(self.batch, self.arch.hidden):
             gpu.gemv(self.h, w, out=out, norm_weight=norm_weight, eps=self.arch.eps, dtype=self.dtype, pdl=pdl)
         else:
             gpu.gemv(rmsnorm(self.h, norm_weight, self.arch.eps, self.xn, self.norm_pdl), w, out=out, pdl=pdl)

@@ -33,7 +33,8 @@ BINDING = """
 #include <torch/extension.h>
 #define QLB_DECL(B)                                                                                          \\
   void gemv_b##B(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,   \\
-                 int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, bool, bool, char*);          \\
+                 torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, int64_t,  \\
+                 double, int64_t, int64_t, bool, bool, char*);                                              \\
   void dequant_b##B(torch::Tensor, torch::Tensor, torch::Tensor, int64_t, char*);                            \\
   void gemm_b##B##_bf16(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,      \\
                        int64_t, int64_t, bool, int64_t, bool, int64_t, torch::Tensor, torch::Tensor, char*); \\
@@ -60,19 +61,32 @@ void check_f32(const torch::Tensor& t, const char* name) {
 
 // x [M, K] (fp16/bf16, or fp32 with nw), tiles int32 [T, S, bits, 32, 4], coef fp32 [T, Lp, 8, 4],
 // out: [M, N] (epi 0, compute dtype), fp32 [M, N] (epi 1), [M, N/2] (epi 2); pdl: programmatic
-// dependent launch
+// dependent launch. ss_in fp32 [M, P]: x is x * nw already, these its partial sums of squares (the
+// norm is applied from them); nw_next fp32 [N], xn_out [M, N], ss_out fp32 [M, T] (epi 1): the next
+// norm's input as well. Empty tensors: none.
 void gemv(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef, torch::Tensor bias,
-          torch::Tensor out, int64_t bits, int64_t n, int64_t k, int64_t log2_spg, int64_t epi, double eps,
-          int64_t warps, int64_t stages, bool bf16, bool pdl) {
+          torch::Tensor out, torch::Tensor ss_in, torch::Tensor nw_next, torch::Tensor xn_out, torch::Tensor ss_out,
+          int64_t bits, int64_t n, int64_t k, int64_t log2_spg, int64_t epi, double eps, int64_t warps, int64_t stages,
+          bool bf16, bool pdl) {
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 32, "gemv takes 1..32 rows");
   TORCH_CHECK(warps >= 1 && warps <= 8, "1..8 warps per block");
   TORCH_CHECK(stages >= 1 && stages <= 4, "1..4 pipeline stages");
   check_f32(nw, "the norm weight");
   check_f32(bias, "the bias");
-  if (bits == 4) QLB_RAISE(gemv_b4, x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
-  else if (bits == 3) QLB_RAISE(gemv_b3, x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
-  else if (bits == 2) QLB_RAISE(gemv_b2, x, nw, tiles, coef, bias, out, n, k, log2_spg, epi, eps, warps, stages, bf16, pdl);
+  check_f32(ss_in, "the partial sums of squares");
+  check_f32(nw_next, "the next norm weight");
+  check_f32(ss_out, "the sums of squares out");
+  const auto t = bf16 ? at::kBFloat16 : at::kHalf;
+  TORCH_CHECK(xn_out.numel() == 0 || (xn_out.is_contiguous() && xn_out.scalar_type() == t),
+              "the next norm's input must be contiguous, in the compute dtype");
+#define QLB_GEMV_B(B) \\
+  QLB_RAISE(gemv_b##B, x, nw, tiles, coef, bias, out, ss_in, nw_next, xn_out, ss_out, n, k, log2_spg, epi, eps, \\
+            warps, stages, bf16, pdl)
+  if (bits == 4) QLB_GEMV_B(4);
+  else if (bits == 3) QLB_GEMV_B(3);
+  else if (bits == 2) QLB_GEMV_B(2);
   else TORCH_CHECK(false, "bits must be 2, 3 or 4");
+#undef QLB_GEMV_B
 }
 
 // out [N, K] (fp16 / bf16 / fp32) = the dequantized weight
@@ -143,24 +157,25 @@ def ext() -> ModuleType:
 
 
 @functools.lru_cache(maxsize=None)
-def build(src: str, defines: tuple[str, ...] = (), gemm_src: str | None = None) -> ModuleType:
+def build(src: str, defines: tuple[str, ...] = (), gemm_src: str | None = None, with_gemm: bool = True) -> ModuleType:
     """Compile ``src`` (a version of ``lowbit_cuda.cu``) and ``gemm_src`` (of ``lowbit_gemm.cu``, default
     the shipped one) with ``-D`` ``defines``: the shipped kernels through :func:`ext`, earlier versions
-    and variants side by side in one benchmark process. Off Hopper the GEMM is left out (it is sm_90a
-    code) and ``gemm`` raises."""
+    and variants side by side in one benchmark process. Off Hopper, or with ``with_gemm=False`` (GEMV
+    variants: 4 units to compile instead of 10), the GEMM is left out and ``gemm`` raises."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
     major, minor = torch.cuda.get_device_capability()
     hopper = major == 9
+    gemm = hopper and with_gemm
     gemm_src = GEMM_SOURCE.read_text() if gemm_src is None else gemm_src
-    key = src + gemm_src + BINDING + repr(defines) + repr(hopper) + repr(ERR_BYTES)
+    key = src + gemm_src + BINDING + repr(defines) + repr(gemm) + repr(ERR_BYTES)
     name = "qalora_lowbit_" + hashlib.sha256(key.encode()).hexdigest()[:12]
     build_dir = Path(_get_build_directory(name, verbose=False))
     tu = '#define QLB_TU_BITS {}\n#include "lowbit_cuda.cuh"\n'
-    texts = {"binding.cpp": ("" if hopper else "#define QLB_NO_GEMM\n") + f"#define QLB_ERR_BYTES {ERR_BYTES}\n" + BINDING,
+    texts = {"binding.cpp": ("" if gemm else "#define QLB_NO_GEMM\n") + f"#define QLB_ERR_BYTES {ERR_BYTES}\n" + BINDING,
              "lowbit_cuda.cuh": src,
              "lowbit_gemm.cuh": gemm_src, **{f"lowbit_b{b}.cu": tu.format(b) for b in BITS}}
-    if hopper:  # the GEMM's kernels, one unit per bit width and activation type (x_image in one of them)
+    if gemm:  # the GEMM's kernels, one unit per bit width and activation type (x_image in one of them)
         for b in BITS:
             for tname, t in (("bf16", "__nv_bfloat16"), ("f16", "__half")):
                 texts[f"gemm_b{b}_{tname}.cu"] = (

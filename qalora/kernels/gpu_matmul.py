@@ -24,9 +24,12 @@ from qalora.kernels.prepared import PreparedWeight
 SKINNY_MAX_M = 32  # rows above this run the large-M path (``large_m_path``)
 SX_MAX_ROWS, SX_MAX_BYTES = 4, 24 * 1024  # lowbit_cuda.cu's limits for staging x in shared memory
 EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
+NEXT_NORM_MAX_ROWS = 8  # lowbit_cuda.cu writes a NextNorm from its one-fragment kernels only
 MANY_TILES = 768  # 16-row tiles from which blocks of 4 warps beat 8
 MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
 DEFAULT_STAGES = 2  # cp.async ring slots per warp: stages - 1 steps in flight while one is computed
+DEEP_STAGES = 4  # ... where each warp takes more than DEEP_STEPS of the weight's 256-column steps
+DEEP_STEPS = 4
 
 _EMPTY: dict[torch.device, torch.Tensor] = {}
 
@@ -49,12 +52,49 @@ def default_warps(pw: PreparedWeight) -> int:
     return max(1, min(4 if tiles >= MANY_TILES else MAX_WARPS, steps))
 
 
+def default_stages(pw: PreparedWeight, warps: int, m: int) -> int:
+    """Ring slots per warp for ``m`` rows: DEEP_STAGES for a 4-bit weight where the kernel stages x
+    (``stages_x``) and each of ``warps`` takes more than DEEP_STEPS of its 256-column steps (LLaMA-7B down,
+    K = 11008: 43 steps over 8 warps), else DEFAULT_STAGES. Measured on an H200 (benchmarks/RESULTS.md
+    round 14): down at M = 1 with 8 warps 12.0 us against 13.0, INT4 decode at batch 1 533 against 515
+    tok/s. At 4 steps a warp (qkv, gate_up with 4 warps) the deeper ring's shared memory costs blocks per SM
+    instead (qkv M = 1: 15.0 us against 11.1). At batch 8 and 16 the decode lost 1-2% with it (3296 against
+    3327, 4164 against 4237 tok/s), and INT2 at batch 1 0.6%, though down alone ran faster in both."""
+    deep = pw.bits == 4 and stages_x(m, pw.in_features) and pw.tiles.shape[1] > DEEP_STEPS * warps
+    return DEEP_STAGES if deep else DEFAULT_STAGES
+
+
 def stages_x(m: int, k: int) -> bool:
     """Whether the kernel stages ``m`` rows of 16-bit x [m, k] in shared memory (lowbit_cuda.cu's
     rule). Only then does the fused RMSNorm prologue pay: without staging every warp re-reads and
     re-normalizes fp32 x for every span, and a separate RMSNorm pass is cheaper (H200, LLaMA-7B
     qkv/gate_up at M = 32: 203.6 us per fused call against ~71 unfused; benchmarks/RESULTS.md)."""
     return m <= SX_MAX_ROWS and k % 8 == 0 and m * (-(-k // 256) * 256 + 32) * 2 <= SX_MAX_BYTES
+
+
+@dataclass
+class NextNorm:
+    """The next RMSNorm's input, written by a residual-add GEMV (``gemv(..., accumulate=True, next_norm=)``) for
+    the GEMV after it (``gemv(nn.xn, ..., norm_sumsq=nn.sumsq)``): the decoder at batch <= 2, o -> gate_up and
+    down -> the next layer's qkv. That GEMV's blocks then stage 16-bit x * weight and a few partial sums
+    instead of the fp32 stream and the fp32 weight, 4x fewer bytes (benchmarks/RESULTS.md round 14).
+
+    - ``weight``: fp32 [D], the norm's weight.
+    - ``xn``: [M, D] in the compute dtype, the residual stream (after the add) times ``weight``.
+    - ``sumsq``: fp32 [M, ceil(D / 16)], per 16 rows of the stream's D the sum of their squares."""
+
+    weight: torch.Tensor
+    xn: torch.Tensor
+    sumsq: torch.Tensor
+
+
+def _check_next_norm(nn: NextNorm, m: int, n: int, dtype: torch.dtype) -> None:
+    want = {"weight": (torch.float32, (n,)), "xn": (dtype, (m, n)), "sumsq": (torch.float32, (m, -(-n // 16)))}
+    for name, (dt, shape) in want.items():
+        t = getattr(nn, name)
+        if t.dtype != dt or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"next_norm.{name} must be a contiguous {dt} tensor {list(shape)}, "
+                             f"got {t.dtype} {list(t.shape)}")
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
@@ -95,8 +135,10 @@ def gemv(
     eps: float = 1e-6,
     dtype: torch.dtype | None = None,
     warps: int | None = None,
-    stages: int = DEFAULT_STAGES,
+    stages: int | None = None,
     pdl: bool = True,
+    norm_sumsq: torch.Tensor | None = None,
+    next_norm: NextNorm | None = None,
 ) -> torch.Tensor:
     """Skinny low-bit matmul for M <= 32 rows: returns ``out`` = x @ W^T (+ bias). On Hopper, batches of
     ``WGMMA_MIN_M`` rows or more against weights of many tiles run the wgmma GEMM (``decode_gemm_plan``;
@@ -105,11 +147,18 @@ def gemv(
     - ``norm_weight`` (fp32 [K]): x is an fp32 residual stream [M, K] and the input is
       rmsnorm(x, eps) * norm_weight, fused into the kernel where it stages x (``stages_x``), else
       computed first; ``dtype`` picks the compute dtype.
-    - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T (a residual add).
+    - ``norm_sumsq`` (fp32 [M, P]): x is rmsnorm's numerator already, stream * weight (a
+      :class:`NextNorm`'s ``xn``), and these are partial sums of squares of the stream's rows (its
+      ``sumsq``); the kernel scales by 1/rms from them. Only where x is staged (``stages_x``), 4-bit
+      weights only.
+    - ``accumulate``: ``out`` is fp32 [M, N] and receives out += x @ W^T (a residual add); with
+      ``next_norm`` (up to 8 rows) the kernel also writes that norm's input from the new stream
+      (:class:`NextNorm`).
     - a ``glu`` weight returns silu(gate) * up, [M, N/2].
     - ``dtype``: compute/output dtype (fp16/bf16); defaults to x's dtype.
     - ``warps`` per block (1..8, each a slice of K) and ``stages`` (1..4) of each warp's
-      shared-memory load pipeline: tuning knobs, the defaults are the measured best on an H200.
+      shared-memory load pipeline: tuning knobs, the defaults (``default_warps``, ``default_stages``)
+      are the measured best on an H200.
     - ``pdl``: a programmatic dependent launch: the kernel's blocks may start, and ask for their first
       weights, while the kernel before it on the stream finishes; they wait for it before they touch
       x or ``out``, so the result is the same bits either way. Whether it pays depends on the kernels
@@ -127,6 +176,20 @@ def gemv(
     dtype = dtype or x.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"compute dtype must be fp16 or bf16, not {dtype}")
+    if norm_sumsq is not None:
+        if norm_weight is not None or not stages_x(m, k):
+            raise ValueError(f"norm_sumsq needs x staged ({m} rows of K={k} do not stage, see stages_x) "
+                             "and no norm_weight")
+        if pw.bits != 4:
+            raise ValueError(f"norm_sumsq takes 4-bit weights (the kernel compiles it there only), not {pw.bits}-bit")
+        if norm_sumsq.dtype != torch.float32 or norm_sumsq.dim() != 2 or norm_sumsq.shape[0] != m:
+            raise ValueError(f"norm_sumsq must be fp32 [M={m}, P], got {norm_sumsq.dtype} {list(norm_sumsq.shape)}")
+    if next_norm is not None:
+        if not accumulate:
+            raise ValueError("next_norm is written by the residual add: it needs accumulate=True")
+        if m > NEXT_NORM_MAX_ROWS:
+            raise ValueError(f"next_norm is written for up to {NEXT_NORM_MAX_ROWS} rows, not {m}")
+        _check_next_norm(next_norm, m, n, dtype)
     if norm_weight is not None and not stages_x(m, k):
         # the kernel fuses the norm only into staged x; above that, normalize first (fp32, then dtype)
         xf = x.float()
@@ -139,12 +202,17 @@ def gemv(
         x, nw = _aligned(x.to(dtype)), _empty(x.device)
     out = _output(out, pw, m, dtype, x.device, accumulate)
     epi = EPI_ACCUM if accumulate else EPI_GLU if pw.glu else EPI_STORE
-    plan = decode_gemm_plan(m, pw) if norm_weight is None and warps is None and wgmma_available(x.device) else None
+    fused = norm_weight is not None or norm_sumsq is not None or next_norm is not None  # the GEMV's own prologues
+    plan = decode_gemm_plan(m, pw) if not fused and warps is None and wgmma_available(x.device) else None
     if plan is not None:
         return wgmma_gemm(x, pw, plan[0], out=out, accumulate=accumulate, splits=plan[1])
     bias = pw.bias if pw.bias is not None else _empty(x.device)
-    ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, pw.bits, n, k, pw.log2_spg, epi, eps,
-               warps or default_warps(pw), stages, dtype == torch.bfloat16, pdl)
+    warps = warps or default_warps(pw)
+    none = _empty(x.device)
+    ss_in = none if norm_sumsq is None else norm_sumsq.contiguous()
+    nw_next, xn, ss_out = (none,) * 3 if next_norm is None else (next_norm.weight, next_norm.xn, next_norm.sumsq)
+    ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, ss_in, nw_next, xn, ss_out, pw.bits, n, k, pw.log2_spg, epi, eps,
+               warps, stages or default_stages(pw, warps, m), dtype == torch.bfloat16, pdl)
     return out
 
 

@@ -138,6 +138,20 @@ struct GemvArgs {
   int ntiles;
 };
 
+// The norm's input written by one GEMV for the next (gpu_matmul.NextNorm): a kernel argument of its own, since
+// in GemvArgs these fields made ptxas spill in the 4-fragment kernels, which sit at their 128-register cap.
+struct NormIO {
+  // NORM with x already multiplied by nw (T [M, K], as an ACCUM epilogue's xn_out wrote it): the sums of
+  // squares of x's rows come as nss partials each, ss_in fp32 [M, nss]; null: x is fp32 and nw is applied here
+  const float* ss_in;
+  int nss;
+  // ACCUM: also the next RMSNorm's input, for the GEMV after this one (null: not): xn_out T [M, N] =
+  // (out + y) * nw_next, and ss_out fp32 [M, ntiles], per 16-row tile the sum of squares of out + y
+  const float* nw_next;
+  void* xn_out;
+  float* ss_out;
+};
+
 // log2 of the 32-column spans per group: GS when the kernel is compiled for one group size (the
 // group epilogue's spans are then known at compile time, no per-span test and branch), else the
 // argument.
@@ -172,32 +186,90 @@ __device__ __forceinline__ void issue_step(const GemvArgs& a, uint4* d, const ui
 // 16-byte loads fall in different banks.
 __host__ __device__ __forceinline__ int sx_ld(int K) { return ((K + 255) & ~255) + 32; }
 
-// SX prologue: stage x (x * nw with NORM) as T in shared memory, row r at sx[r * ldx]; with NORM each
-// warp's sums of squares per row go to rss_sx[warp][row], added later in a fixed order. Ends with a
-// block barrier.
-template <typename T, bool NORM>
-__device__ __forceinline__ void stage_x(const GemvArgs& a, T* sx, int ldx, float (*rss_sx)[8], int lane, int warp) {
-  const int chunks = (ldx - 32) >> 3;
-  float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
-  for (int idx = threadIdx.x; idx < a.M * chunks; idx += blockDim.x) {
-    const int r = idx / chunks, k = (idx - r * chunks) << 3;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);  // past K: zeros
-    if (k < a.K && NORM) {
-      const float* xr = reinterpret_cast<const float*>(a.xv) + r * a.stride_xm + k;
-      const float4 x0 = __ldg(reinterpret_cast<const float4*>(xr)), x1 = __ldg(reinterpret_cast<const float4*>(xr + 4));
-      const float4 n0 = __ldg(reinterpret_cast<const float4*>(a.nw + k)), n1 = __ldg(reinterpret_cast<const float4*>(a.nw + k + 4));
-      const float q = x0.x * x0.x + x0.y * x0.y + x0.z * x0.z + x0.w * x0.w + x1.x * x1.x + x1.y * x1.y +
-                      x1.z * x1.z + x1.w * x1.w;
+// One staged chunk with NORM from fp32 x: 8 columns of x * nw as T, and x's squares added to ssr[r] (past K,
+// k >= K, the zeros add nothing).
+template <typename T>
+__device__ __forceinline__ uint4 norm_chunk(const float4 x0, const float4 x1, const float4 n0, const float4 n1, int r,
+                                            bool in_k, float (&ssr)[8]) {
+  if (in_k) {
+    const float q = x0.x * x0.x + x0.y * x0.y + x0.z * x0.z + x0.w * x0.w + x1.x * x1.x + x1.y * x1.y + x1.z * x1.z +
+                    x1.w * x1.w;
 #pragma unroll
-      for (int rr = 0; rr < 8; ++rr) ssr[rr] += rr == r ? q : 0.f;
-      v.x = Num<T>::pack(x0.x * n0.x, x0.y * n0.y);
-      v.y = Num<T>::pack(x0.z * n0.z, x0.w * n0.w);
-      v.z = Num<T>::pack(x1.x * n1.x, x1.y * n1.y);
-      v.w = Num<T>::pack(x1.z * n1.z, x1.w * n1.w);
-    } else if (k < a.K) {
-      v = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(a.xv) + r * a.stride_xm + k));
+    for (int rr = 0; rr < 8; ++rr) ssr[rr] += rr == r ? q : 0.f;
+  }
+  uint4 v;
+  v.x = Num<T>::pack(x0.x * n0.x, x0.y * n0.y);
+  v.y = Num<T>::pack(x0.z * n0.z, x0.w * n0.w);
+  v.z = Num<T>::pack(x1.x * n1.x, x1.y * n1.y);
+  v.w = Num<T>::pack(x1.z * n1.z, x1.w * n1.w);
+  return v;
+}
+
+// SX prologue: stage x (x * nw with NORM) as T in shared memory, row r at sx[r * ldx]; with NORM each
+// warp's sums of squares per row go to rss_sx[warp][row], added later in a fixed order (with PRE and
+// NormIO::ss_in: x is staged as it is and the sums are its partials'). Ends with a block barrier. U > 1: a
+// thread issues the loads of U chunks before it uses any. One chunk per iteration (the trip count is known
+// only at run time, so ptxas does not pipeline the loop) puts an L2 round trip per chunk on every block's
+// path to its first step; the chunks are taken in the same order either way.
+template <typename T, bool NORM, int U, bool PRE>
+__device__ __forceinline__ void stage_x(const GemvArgs& a, const NormIO& io, T* sx, int ldx, float (*rss_sx)[8],
+                                        int lane, int warp) {
+  const int chunks = (ldx - 32) >> 3, total = a.M * chunks;
+  const bool fp32x = NORM && (!PRE || io.ss_in == nullptr);  // x fp32, times nw here
+  float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
+  const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (U == 1) {
+    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+      const int r = idx / chunks, k = (idx - r * chunks) << 3;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);  // past K: zeros
+      if (k < a.K && fp32x) {
+        const float4* xr = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(a.xv) + r * a.stride_xm + k);
+        const float4* nr = reinterpret_cast<const float4*>(a.nw + k);
+        v = norm_chunk<T>(__ldg(xr), __ldg(xr + 1), __ldg(nr), __ldg(nr + 1), r, true, ssr);
+      } else if (k < a.K) {
+        v = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(a.xv) + r * a.stride_xm + k));
+      }
+      *reinterpret_cast<uint4*>(sx + r * ldx + k) = v;
     }
-    *reinterpret_cast<uint4*>(sx + r * ldx + k) = v;
+  } else {
+    for (int base = threadIdx.x; base < total; base += U * blockDim.x) {
+      float4 xv[U][2], nv[U][2];  // fp32x: 8 columns of x and of nw
+      uint4 raw[U];               // else: 8 columns of x as T
+#pragma unroll
+      for (int u = 0; u < U; ++u) {  // past K or past the last chunk: zeros
+        const int idx = base + u * blockDim.x;
+        const int r = idx / chunks, k = (idx - r * chunks) << 3;
+        const bool in = idx < total && k < a.K;
+        xv[u][0] = xv[u][1] = nv[u][0] = nv[u][1] = z4;
+        raw[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (in && fp32x) {
+          const float* xf = reinterpret_cast<const float*>(a.xv) + r * a.stride_xm + k;
+          const float4* xr = reinterpret_cast<const float4*>(xf);
+          const float4* nr = reinterpret_cast<const float4*>(a.nw + k);
+          xv[u][0] = __ldg(xr);
+          xv[u][1] = __ldg(xr + 1);
+          nv[u][0] = __ldg(nr);
+          nv[u][1] = __ldg(nr + 1);
+        } else if (in) {
+          raw[u] = __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(a.xv) + r * a.stride_xm + k));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int idx = base + u * blockDim.x;
+        if (idx >= total) break;
+        const int r = idx / chunks, k = (idx - r * chunks) << 3;
+        const uint4 v = fp32x ? norm_chunk<T>(xv[u][0], xv[u][1], nv[u][0], nv[u][1], r, k < a.K, ssr) : raw[u];
+        *reinterpret_cast<uint4*>(sx + r * ldx + k) = v;
+      }
+    }
+  }
+  if (NORM && !fp32x) {  // the partials, each thread's in a fixed order
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      if (r >= a.M) break;
+      for (int i = threadIdx.x; i < io.nss; i += blockDim.x) ssr[r] += io.ss_in[r * io.nss + i];
+    }
   }
   if (NORM) {
 #pragma unroll
@@ -300,6 +372,36 @@ __device__ __forceinline__ void step_mma(const GemvArgs& a, const uint4* cur, in
   }
 }
 
+// An ACCUM epilogue's second output: the next RMSNorm's input (NormIO::xn_out, ss_out) from the residual
+// stream this tile's lanes just wrote (rows 16 tile + g + {0, 8}, x rows 8 n + 2 t + {0, 1}). The GEMV
+// after this one then stages 16-bit x * nw and a few partial sums instead of fp32 x and nw: a block of
+// 16 rows read 32 KB of L2 for 4 KB of weight at K = 4096 (benchmarks/RESULTS.md round 14). The 16 rows'
+// squares are added by a butterfly over g, which leaves the same bits in every lane, run after run.
+template <typename T>
+__device__ __forceinline__ void next_norm_input(const GemvArgs& a, const NormIO& io, int tile, int n, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  float sq[2] = {0.f, 0.f};
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int col = 8 * n + 2 * t + c;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = tile * 16 + g + 8 * h;
+      if (col >= a.M || row >= a.N) continue;
+      const float v = reinterpret_cast<const float*>(a.outv)[col * a.stride_om + row];  // this thread's own write
+      reinterpret_cast<T*>(io.xn_out)[col * a.N + row] = Num<T>::from(v * io.nw_next[row]);
+      sq[c] = fmaf(v, v, sq[c]);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) sq[c] += __shfl_xor_sync(0xffffffffu, sq[c], o);
+    const int col = 8 * n + 2 * t + c;
+    if (g == 0 && col < a.M) io.ss_out[col * a.ntiles + tile] = sq[c];
+  }
+}
+
 // The finished sums y of fragment n of one tile (rows 16 tile + g + {0, 0, 8, 8}, x rows 8 n + 2 t +
 // {0, 1, 0, 1}; already scaled by 1/rms with NORM): plus bias, written per the epilogue.
 template <typename T>
@@ -381,7 +483,8 @@ __device__ __forceinline__ void zero_acc(float (&acc)[R][NT][4]) {
 // block per SM lost 1.4x (benchmarks/RESULTS.md, round 3). R = 2 at NT = 4 needs ~254. SX: three (80
 // registers; at 64 round 6's straight-line step loop spilled), two at 3 bit (its 12 code words).
 template <typename T, int BITS, int NT, bool NORM, bool SX, int R, int GS>
-__global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R > 1 ? 1 : 2)) gemv_kernel(const GemvArgs a) {
+__global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R > 1 ? 1 : 2))
+    gemv_kernel(const GemvArgs a, const NormIO io) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int tile0 = blockIdx.x * R;
   const int s0 = warp * a.S / nwarps, s1 = (warp + 1) * a.S / nwarps;
@@ -428,7 +531,13 @@ __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R >
   T* sx = reinterpret_cast<T*>(dyn_smem);
   const int ldx = sx_ld(a.K);
   __shared__ float rss_sx[8][8];  // [warp][row]: each warp's sums of squares, added in a fixed order
-  if (SX) stage_x<T, NORM>(a, sx, ldx, rss_sx, lane, warp);
+  // x chunks in flight per staging thread: 16 registers each with NORM (x and nw in fp32), 4 without. At 4 bit
+  // only: at 2 bit, R = 2 and NORM ptxas then spilled in the step loop, and INT2 decode lost 2% at batch 1
+  // (benchmarks/RESULTS.md round 14)
+  constexpr int SU = BITS != 4 ? 1 : NORM ? 2 : 4;
+  // x already times nw (NormIO::ss_in) at 4 bit only, the decoder's one use: at 2 bit with R = 2 its code
+  // alone made ptxas spill 4 bytes in the step loop
+  if (SX) stage_x<T, NORM, SU, BITS == 4>(a, io, sx, ldx, rss_sx, lane, warp);
   uint4* const ring_end = ring + nst * su4;
   uint4* slot = ring;                     // read this step
   uint4* fill = ring + (nst - 1) * su4;   // refilled this step: the one read last step
@@ -471,6 +580,10 @@ __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R >
       }
       if (NORM) scale_rms(a, y, rss_sx, nwarps, n, lane);
       store_tile<T>(a, y, tile, n, lane);
+      // up to 8 rows only: compiled into the 2- and 4-fragment kernels it made ptxas spill (R = 1)
+      if constexpr (NT == 1) {
+        if (a.epi == ACCUM && io.xn_out != nullptr) next_norm_input<T>(a, io, tile, n, lane);
+      }
     }
   }
 }
@@ -657,13 +770,16 @@ bool launch(char* err, void (*kern)(Params...), dim3 grid, dim3 block, int smem,
   return true;
 }
 
+// ss_in, nw_next, xn_out, ss_out: NormIO's (empty: none)
 template <typename T>
 bool launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::Tensor& tiles, const torch::Tensor& coef,
-                 const torch::Tensor& bias, torch::Tensor& out, int M, int N, int K, int log2_spg, int epi, double eps,
-                 int warps, int stages, bool pdl, char* err) {
+                 const torch::Tensor& bias, torch::Tensor& out, const torch::Tensor& ss_in,
+                 const torch::Tensor& nw_next, torch::Tensor& xn_out, torch::Tensor& ss_out, int M, int N, int K,
+                 int log2_spg, int epi, double eps, int warps, int stages, bool pdl, char* err) {
   constexpr int BITS = QLB_TU_BITS;
   const int T_ = tiles.size(0), S = tiles.size(1), Lp = coef.size(1);
-  const bool norm = nw.numel() > 0;
+  const bool pre = ss_in.numel() > 0, next = xn_out.numel() > 0;
+  const bool norm = nw.numel() > 0 || pre;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int ng = log2_spg >= 3 ? 1 : 8 >> log2_spg;  // groups per step
   const int x_bytes = (M * qlb::sx_ld(K) * (int)sizeof(T) + 15) / 16 * 16;
@@ -672,6 +788,15 @@ bool launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   const int r_want = sx ? QLB_R_SX : (M <= 8 ? QLB_R_M8 : (M <= 16 ? QLB_R_M16 : QLB_R_M32));
   const int r = T_ >= r_want * QLB_MIN_BLOCKS ? r_want : 1;
   QLB_CHECK(err, !norm || sx, "the fused RMSNorm needs x staged in shared memory (M <= %d)", SX_MAX_ROWS);
+  QLB_CHECK(err, !pre || (ss_in.dim() == 2 && ss_in.size(0) == M), "the partial sums of squares must be [M = %d, P]",
+            M);
+  QLB_CHECK(err, !pre || BITS == 4, "x already normalized (partial sums of squares) takes 4-bit weights, not %d-bit",
+            BITS);
+  QLB_CHECK(err, !next || (epi == qlb::ACCUM && nw_next.numel() == N && xn_out.numel() == (int64_t)M * N &&
+                           ss_out.numel() == (int64_t)M * T_),
+            "the next norm's input needs the residual epilogue, a weight [%d], xn [%d, %d] and sums [%d, %d]", N, M, N,
+            M, T_);
+  QLB_CHECK(err, !next || M <= 8, "the next norm's input is written for up to 8 rows, not %d", M);
   const int groups = (T_ + r - 1) / r;
   qlb::GemvArgs a;
   a.xv = x.data_ptr();
@@ -684,6 +809,12 @@ bool launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   a.stride_xm = x.stride(0); a.stride_om = out.stride(0);
   a.epi = epi; a.eps = (float)eps; a.ntiles = T_;
   a.ring_off = sx ? x_bytes / 16 : 0;
+  qlb::NormIO io;
+  io.ss_in = pre ? static_cast<const float*>(ss_in.data_ptr()) : nullptr;
+  io.nss = pre ? ss_in.size(1) : 0;
+  io.nw_next = next ? static_cast<const float*>(nw_next.data_ptr()) : nullptr;
+  io.xn_out = next ? xn_out.data_ptr() : nullptr;
+  io.ss_out = next ? static_cast<float*>(ss_out.data_ptr()) : nullptr;
   a.nst = std::max(1, std::min(stages, (S + warps - 1) / warps));
   // dynamic shared memory: the staged activations (SX: M rows of sx_ld(K) elements, up to
   // SX_MAX_BYTES), then each warp's ring of nst slots; the rings' memory then holds the block
@@ -696,7 +827,7 @@ bool launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
     if (!smem_optin(reinterpret_cast<const void*>(kern), dyn_max, err)) return false;
     QLB_CHECK(err, smem <= dyn_max,
               "gemv needs %d bytes of shared memory, the device allows %d; use fewer warps or stages", smem, dyn_max);
-    return launch(err, kern, dim3(groups), block, smem, stream, pdl, a);
+    return launch(err, kern, dim3(groups), block, smem, stream, pdl, a, io);
   };
   bool ok = false;
 #define QLB_GEMV(NT, NORM, SX, R, GS) ok = go(qlb::gemv_kernel<T, BITS, NT, NORM, SX, R, GS>)
@@ -750,14 +881,15 @@ void launch_dequant(const torch::Tensor& tiles, const torch::Tensor& coef, T* ou
 }  // namespace
 
 void QLB_CAT(gemv_b, QLB_TU_BITS)(torch::Tensor x, torch::Tensor nw, torch::Tensor tiles, torch::Tensor coef,
-                                  torch::Tensor bias, torch::Tensor out, int64_t n, int64_t k, int64_t log2_spg,
+                                  torch::Tensor bias, torch::Tensor out, torch::Tensor ss_in, torch::Tensor nw_next,
+                                  torch::Tensor xn_out, torch::Tensor ss_out, int64_t n, int64_t k, int64_t log2_spg,
                                   int64_t epi, double eps, int64_t warps, int64_t stages, bool bf16, bool pdl,
                                   char* err) {
   const int M = x.size(0);
-  const bool ok =
-      bf16 ? launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl,
-                                        err)
-           : launch_gemv<__half>(x, nw, tiles, coef, bias, out, M, n, k, log2_spg, epi, eps, warps, stages, pdl, err);
+  const bool ok = bf16 ? launch_gemv<__nv_bfloat16>(x, nw, tiles, coef, bias, out, ss_in, nw_next, xn_out, ss_out, M,
+                                                    n, k, log2_spg, epi, eps, warps, stages, pdl, err)
+                       : launch_gemv<__half>(x, nw, tiles, coef, bias, out, ss_in, nw_next, xn_out, ss_out, M, n, k,
+                                             log2_spg, epi, eps, warps, stages, pdl, err);
   if (ok) launch_error(err);
 }
 

@@ -32,7 +32,10 @@ def quantize_minmax(model, bits, g):
 @pytest.mark.skipif(not (triton_available() and cuda_kernels_available()), reason="needs CUDA, triton and nvcc")
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_decoder_matches_transformers(bits):
+    """Prefill and graph-replayed decode of each weight format against transformers' logits; the low-bit
+    decoder at batch 1 with and without the residual adds writing the next norm's input (``norm_epilogue``)."""
     from qalora.decoder import StaticDecoder, capture_graph, model_source
+    from qalora.kernels import gpu_matmul
 
     m = tiny_llama(seed=bits)
     quantize_minmax(m, bits, 32)
@@ -42,8 +45,10 @@ def test_decoder_matches_transformers(bits):
         ref = m(input_ids=ids[None]).logits[0].double()
     dt = torch.bfloat16
     src = model_source(m, torch.device("cuda"), dt)
-    for mode in ("lowbit", "dense", "dense_cublas"):
+    assert gpu_matmul.stages_x(1, m.config.hidden_size)  # the fused norms, so norm_epilogue applies
+    for mode, epilogue in (("lowbit", True), ("lowbit", False), ("dense", False), ("dense_cublas", False)):
         hn = StaticDecoder(src, mode, dt)
+        hn.norm_epilogue = epilogue
         hn.alloc(1, 32)
         with torch.no_grad():
             lp = hn.prefill(ids)
@@ -54,7 +59,7 @@ def test_decoder_matches_transformers(bits):
                 hn.tok.fill_(int(ids[i]))
                 g.replay()
                 err = float((hn.logits[0].double() - ref[i]).norm() / ref[i].norm())
-                assert err < 3e-2, (mode, i, err)
+                assert err < 3e-2, (mode, epilogue, i, err)
         assert int(hn.pos) == len(ids)
 
 

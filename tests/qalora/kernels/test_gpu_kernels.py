@@ -66,6 +66,52 @@ def test_gemv_fusions(bits, dtype):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_next_norm_written_by_the_residual_add(bits, dtype):
+    """A residual-add GEMV's second output (gpu_matmul.NextNorm): the stream after the add times the next
+    norm's weight, exactly as torch rounds it, and per-16-row sums of squares; the 4-bit GEMV after it (the
+    only width that reads them), fed those, matches the fused RMSNorm on the stream and repeats bit for bit.
+    D = 1056: 33 groups of 32."""
+    from qalora.kernels import gpu_matmul
+
+    d, k = 1056, 512
+    pw_o = random_prepared(d, k, bits, 128, seed=bits + 20)
+    pw_next = random_prepared(384, d, 4, 32, seed=bits + 21, glu=True)
+    nw = torch.rand(d, device="cuda") + 0.5
+    for m in (1, 2):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        h = torch.randn(m, d, device="cuda")
+        plain, h2 = h.clone(), h.clone()
+        gpu_matmul.gemv(x, pw_o, out=plain, accumulate=True)
+        nn = gpu_matmul.NextNorm(nw, torch.full((m, d), float("nan"), device="cuda", dtype=dtype),
+                                 torch.full((m, (d + 15) // 16), float("nan"), device="cuda"))
+        gpu_matmul.gemv(x, pw_o, out=h2, accumulate=True, next_norm=nn)
+        assert torch.equal(h2, plain)
+        assert torch.equal(nn.xn, (plain * nw).to(dtype))
+        sq = torch.nn.functional.pad(plain.double().pow(2), (0, 16 * nn.sumsq.shape[1] - d)).view(m, -1, 16).sum(-1)
+        assert torch.allclose(nn.sumsq.double(), sq, rtol=1e-5, atol=1e-6)
+        fused = gpu_matmul.gemv(plain, pw_next, norm_weight=nw, dtype=dtype)
+        y = gpu_matmul.gemv(nn.xn, pw_next, norm_sumsq=nn.sumsq, dtype=dtype)
+        assert torch.equal(y, gpu_matmul.gemv(nn.xn, pw_next, norm_sumsq=nn.sumsq, dtype=dtype))
+        _check(y, fused.float(), dtype)
+        xn = plain * torch.rsqrt(plain.pow(2).mean(-1, keepdim=True) + 1e-6) * nw
+        _check(y, reference(xn, pw_next), dtype)
+    with pytest.raises(ValueError, match="accumulate=True"):
+        gpu_matmul.gemv(x, pw_o, next_norm=nn)
+    with pytest.raises(ValueError, match="next_norm.sumsq"):
+        gpu_matmul.gemv(x, pw_o, out=h2, accumulate=True, next_norm=gpu_matmul.NextNorm(nw, nn.xn, nn.sumsq[:, 1:]))
+    with pytest.raises(ValueError, match="up to 8 rows"):
+        z = torch.zeros(9, d, device="cuda")
+        gpu_matmul.gemv(torch.zeros(9, k, device="cuda", dtype=dtype), pw_o, out=z, accumulate=True,
+                        next_norm=gpu_matmul.NextNorm(nw, z.to(dtype), torch.zeros(9, 66, device="cuda")))
+    with pytest.raises(ValueError, match="4-bit weights"):
+        gpu_matmul.gemv(nn.xn, random_prepared(384, d, 2, 32, seed=1), norm_sumsq=nn.sumsq, dtype=dtype)
+    with pytest.raises(ValueError, match="norm_sumsq needs x staged"):
+        x32 = torch.zeros(32, d, device="cuda", dtype=dtype)
+        gpu_matmul.gemv(x32, pw_next, norm_sumsq=torch.zeros(32, 66, device="cuda"))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gemv_pipeline_depths_and_staging(bits):
     """Every load-pipeline depth and warp count, with the activations staged in shared memory
     (M * K small) and read from global memory (M=8 rows of K=4736 exceed the staging budget)."""
@@ -280,8 +326,9 @@ coef = torch.zeros(1, 8, 8, 4, device=dev)
 out = torch.zeros(16, 16, device=dev, dtype=torch.bfloat16)
 x, nw = torch.zeros(16, 256, device=dev), torch.ones(256, device=dev)
 calls = [  # 16 rows are too many to stage, so the launcher (nvcc) refuses the fused norm; then the binding (g++)
-    lambda: e.gemv(x, nw, tiles, coef, empty, out, 4, 16, 256, 2, 0, 1e-6, 4, 2, True, False),
-    lambda: e.gemv(x[:1].bfloat16(), nw.half(), tiles, coef, empty, out, 4, 16, 256, 2, 0, 1e-6, 4, 2, True, False),
+    lambda: e.gemv(x, nw, tiles, coef, empty, out, *[empty] * 4, 4, 16, 256, 2, 0, 1e-6, 4, 2, True, False),
+    lambda: e.gemv(x[:1].bfloat16(), nw.half(), tiles, coef, empty, out, *[empty] * 4, 4, 16, 256, 2, 0, 1e-6, 4, 2, True,
+                   False),
 ]
 if wgmma_available(dev):  # a block shape the GEMM launcher does not have
     xs = torch.zeros(4, 8, 64, device=dev, dtype=torch.bfloat16)
