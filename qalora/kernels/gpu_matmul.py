@@ -202,7 +202,7 @@ def gemv(
         x, nw = _aligned(x.to(dtype)), _empty(x.device)
     out = _output(out, pw, m, dtype, x.device, accumulate)
     epi = EPI_ACCUM if accumulate else EPI_GLU if pw.glu else EPI_STORE
-    fused = norm_weight is not None or norm_sumsq is not None or next_norm is not None  # the GEMV's own prologues
+    fused = norm_weight is not None or norm_sumsq is not None or next_norm is not None  # the GEMV's alone
     plan = decode_gemm_plan(m, pw) if not fused and warps is None and wgmma_available(x.device) else None
     if plan is not None:
         return wgmma_gemm(x, pw, plan[0], out=out, accumulate=accumulate, splits=plan[1])

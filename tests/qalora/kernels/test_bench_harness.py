@@ -33,7 +33,8 @@ def quantize_minmax(model, bits, g):
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_decoder_matches_transformers(bits):
     """Prefill and graph-replayed decode of each weight format against transformers' logits; the low-bit
-    decoder at batch 1 with and without the residual adds writing the next norm's input (``norm_epilogue``)."""
+    decoder at batch 1 with and without the residual adds writing the next norm's input (``norm_epilogue``,
+    which takes effect at 4 bit only)."""
     from qalora.decoder import StaticDecoder, capture_graph, model_source
     from qalora.kernels import gpu_matmul
 
