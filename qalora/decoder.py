@@ -212,8 +212,8 @@ class StaticDecoder:
         self.norm_pdl: bool = self.lowbit
         self.gemv_pdl: tuple[bool, bool] | None = None
         # where the GEMVs fuse the norm (batch <= 2), whether o and down also write the next norm's input
-        # (gpu_matmul.NextNorm; None: ``norm_epilogue``'s rule; True holds for 4-bit weights only, the one
-        # width whose kernels read it)
+        # (gpu_matmul.NextNorm; None: ``norm_epilogue``'s rule; True holds for gpu_matmul.NORM_SUMSQ_BITS only,
+        # the one width whose kernels read it)
         self.norm_epilogue: bool | None = None
         for i in range(a.layers):
             ln1, ln2 = src.norms[i]
@@ -278,7 +278,8 @@ class StaticDecoder:
         staged = self.lowbit and gpu.stages_x(self.batch, a.hidden)
         bits = self.layers[0]["qkv"].bits if self.lowbit else 16
         pdl_in, pdl_res = self.gemv_pdl or (gemv_pdl(bits, staged) if self.lowbit else (False, False))
-        epi = staged and (norm_epilogue(bits) if self.norm_epilogue is None else self.norm_epilogue and bits == 4)
+        wanted = norm_epilogue(bits) if self.norm_epilogue is None else self.norm_epilogue
+        epi = staged and wanted and bits == gpu.NORM_SUMSQ_BITS  # the GEMV after reads it at that width only
 
         def next_norm(weight: torch.Tensor) -> gpu.NextNorm | None:
             return gpu.NextNorm(weight, self.xn, self.ss) if epi else None

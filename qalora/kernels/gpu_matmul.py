@@ -25,6 +25,7 @@ SKINNY_MAX_M = 32  # rows above this run the large-M path (``large_m_path``)
 SX_MAX_ROWS, SX_MAX_BYTES = 4, 24 * 1024  # lowbit_cuda.cu's limits for staging x in shared memory
 EPI_STORE, EPI_ACCUM, EPI_GLU = 0, 1, 2
 NEXT_NORM_MAX_ROWS = 8  # lowbit_cuda.cu writes a NextNorm from its one-fragment kernels only
+NORM_SUMSQ_BITS = 4  # ... and reads one (norm_sumsq) in its 4-bit kernels only
 MANY_TILES = 768  # 16-row tiles from which blocks of 4 warps beat 8
 MAX_WARPS = 8  # warps per block, each taking a slice of K (bounded by the kernel's shared memory)
 DEFAULT_STAGES = 2  # cp.async ring slots per warp: stages - 1 steps in flight while one is computed
@@ -180,8 +181,9 @@ def gemv(
         if norm_weight is not None or not stages_x(m, k):
             raise ValueError(f"norm_sumsq needs x staged ({m} rows of K={k} do not stage, see stages_x) "
                              "and no norm_weight")
-        if pw.bits != 4:
-            raise ValueError(f"norm_sumsq takes 4-bit weights (the kernel compiles it there only), not {pw.bits}-bit")
+        if pw.bits != NORM_SUMSQ_BITS:
+            raise ValueError(f"norm_sumsq takes {NORM_SUMSQ_BITS}-bit weights (the kernel compiles it there only), "
+                             f"not {pw.bits}-bit")
         if norm_sumsq.dtype != torch.float32 or norm_sumsq.dim() != 2 or norm_sumsq.shape[0] != m:
             raise ValueError(f"norm_sumsq must be fp32 [M={m}, P], got {norm_sumsq.dtype} {list(norm_sumsq.shape)}")
     if next_norm is not None:
@@ -206,9 +208,9 @@ def gemv(
     plan = decode_gemm_plan(m, pw) if not fused and warps is None and wgmma_available(x.device) else None
     if plan is not None:
         return wgmma_gemm(x, pw, plan[0], out=out, accumulate=accumulate, splits=plan[1])
-    bias = pw.bias if pw.bias is not None else _empty(x.device)
-    warps = warps or default_warps(pw)
     none = _empty(x.device)
+    bias = pw.bias if pw.bias is not None else none
+    warps = warps or default_warps(pw)
     ss_in = none if norm_sumsq is None else norm_sumsq.contiguous()
     nw_next, xn, ss_out = (none,) * 3 if next_norm is None else (next_norm.weight, next_norm.xn, next_norm.sumsq)
     ext().gemv(x, nw, pw.tiles, pw.coef, bias, out, ss_in, nw_next, xn, ss_out, pw.bits, n, k, pw.log2_spg, epi, eps,
