@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "qalora" / "kernels" / "lowbit_cuda.cu"
 GEMM_SOURCE = ROOT / "qalora" / "kernels" / "lowbit_gemm.cu"
-# (name, T, BITS, NT, NORM, SX, R): the decoder's M = 1 paths (staged x, fused norm or not), M = 8, M = 32;
+# (name, T, BITS, NT, NORM, SX, R): the decoder's M = 1 paths (staged x, fused norm or not), M = 8 and 16 (x read
+# from global memory: decode batches 8 and 16), M = 32;
 # two tiles per block as round 5 shipped them, and the one tile 4 bit ships at M <= 4 (".r1", bf16 and fp16)
 CASES = [
     ("m1.norm.int4", "__nv_bfloat16", 4, 1, "true", "true", 2),
@@ -46,6 +47,10 @@ CASES = [
     ("m1.norm.int3", "__nv_bfloat16", 3, 1, "true", "true", 2),
     ("m1.norm.int2", "__nv_bfloat16", 2, 1, "true", "true", 2),
     ("m8.int4", "__nv_bfloat16", 4, 1, "false", "false", 2),
+    ("m8.int2", "__nv_bfloat16", 2, 1, "false", "false", 2),
+    ("m8.int3", "__nv_bfloat16", 3, 1, "false", "false", 2),
+    ("m16.int4", "__nv_bfloat16", 4, 2, "false", "false", 2),
+    ("m16.int2", "__nv_bfloat16", 2, 2, "false", "false", 2),
     ("m8.f16.int4", "__half", 4, 1, "false", "false", 2),
     ("m32.int4", "__nv_bfloat16", 4, 4, "false", "false", 2),
 ]
@@ -174,8 +179,9 @@ def main() -> None:
     for case, t, b, nt, norm, sx, r in CASES:
         # mangled template arguments, e.g. ...I13__nv_bfloat16Li4ELi1ELb1ELb1ELi2EE...
         gs = group_log2(nt)
-        tag = f"Li{b}ELi{nt}ELb{int(norm == 'true')}ELb{int(sx == 'true')}ELi{r}ELi{gs if gs >= 0 else f'n{-gs}'}EE"
-        mangled = next(f for f in funcs if tag in f and ("bfloat16" in f) == (t == "__nv_bfloat16"))
+        # (a variant's extra template argument, benchmarks/patches/gemv_xaddr_r15.patch: Lb0E, KCHK = false)
+        tag = f"Li{b}ELi{nt}ELb{int(norm == 'true')}ELb{int(sx == 'true')}ELi{r}ELi{gs if gs >= 0 else f'n{-gs}'}E(Lb0E)?E"
+        mangled = next(f for f in funcs if re.search(tag, f) and ("bfloat16" in f) == (t == "__nv_bfloat16"))
         loop = step_loop(funcs[mangled])
         ops = collections.Counter(opcode(x) for _, x in loop)
         rows.append({"case": case, **ptxas.get(mangled, {}), "loop_insns": len(loop), "hmma": ops["HMMA"],
