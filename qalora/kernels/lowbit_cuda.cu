@@ -218,6 +218,7 @@ __device__ __forceinline__ void stage_x(const GemvArgs& a, const NormIO& io, T* 
   const bool fp32x = NORM && (!PRE || io.ss_in == nullptr);  // x fp32, times nw here
   float ssr[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // this thread's sums of squares per row
   const float4 z4 = make_float4(0.f, 0.f, 0.f, 0.f);
+  // U == 1 keeps its own loop: the U-chunk form at U = 1 spills 12 B in two 2-bit kernels (ptxas, sm_90a, round 16).
   if constexpr (U == 1) {
     for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
       const int r = idx / chunks, k = (idx - r * chunks) << 3;
