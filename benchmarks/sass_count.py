@@ -179,7 +179,7 @@ def main() -> None:
     for case, t, b, nt, norm, sx, r in CASES:
         # mangled template arguments, e.g. ...I13__nv_bfloat16Li4ELi1ELb1ELb1ELi2EE...
         gs = group_log2(nt)
-        # (a variant's extra template argument, benchmarks/patches/gemv_xaddr_r15.patch: Lb0E, KCHK = false)
+        # then KCHK = false (Lb0E): the kernels for K in whole steps; optional, so sources before round 16 count too
         tag = f"Li{b}ELi{nt}ELb{int(norm == 'true')}ELb{int(sx == 'true')}ELi{r}ELi{gs if gs >= 0 else f'n{-gs}'}E(Lb0E)?E"
         mangled = next(f for f in funcs if re.search(tag, f) and ("bfloat16" in f) == (t == "__nv_bfloat16"))
         loop = step_loop(funcs[mangled])

@@ -288,10 +288,12 @@ __device__ __forceinline__ void stage_x(const GemvArgs& a, const NormIO& io, T* 
 // One 256-column step s of R tiles from ring slot cur: P' per tile and group into tmp, the group sums
 // of x into xsum, and at each group's end (or at slice_end, the last step this warp takes of these
 // tiles) the group's coefficients into acc. x from the staged sx (SX) or from global memory.
-template <typename T, int BITS, int NT, bool SX, int R, int GS>
+// Without SX, x row 8 n + g of this lane starts at xo[n] elements (rows past M read row M - 1, as with SX: their
+// outputs are never stored), and with KCHK (K not whole steps) the columns past K are zeros.
+template <typename T, int BITS, int NT, bool SX, int R, int GS, bool KCHK>
 __device__ __forceinline__ void step_mma(const GemvArgs& a, const uint4* cur, int s, bool slice_end, const T* sx,
-                                         int ldx, int lane, float (&acc)[R][NT][4], float (&tmp)[R][NT][4],
-                                         float (&xsum)[NT][4]) {
+                                         int ldx, const int (&xo)[NT], int lane, float (&acc)[R][NT][4],
+                                         float (&tmp)[R][NT][4], float (&xsum)[NT][4]) {
   constexpr float OFF = Num<T>::off;
   const uint32_t ones[4] = {Num<T>::one2, Num<T>::one2, Num<T>::one2, Num<T>::one2};
   const int g = lane >> 2, t = lane & 3;
@@ -313,10 +315,12 @@ __device__ __forceinline__ void step_mma(const GemvArgs& a, const uint4* cur, in
         const uint4 v = *reinterpret_cast<const uint4*>(sx + min(row, a.M - 1) * ldx + k);
         b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
       } else {
-        const bool ok = row < a.M && k < a.K;
-        const T* xr = reinterpret_cast<const T*>(a.xv) + (ok ? row * a.stride_xm + k : 0);
-        uint4 v = __ldg(reinterpret_cast<const uint4*>(xr));
-        if (!ok) v = make_uint4(0u, 0u, 0u, 0u);
+        // one address per step and fragment, the span's offset an immediate: a select per word and a bound
+        // test per load were a fifth of the step loop at M = 8 (SASS: 575 -> 459 instructions; H200 decode at
+        // batch 16: 4222 -> 5321 tok/s, benchmarks/RESULTS.md round 16)
+        const T* xr = reinterpret_cast<const T*>(a.xv) + (xo[n] + s * 256) + sp * 32;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (!KCHK || k < a.K) v = __ldg(reinterpret_cast<const uint4*>(xr));
         b[n][0] = v.x; b[n][1] = v.y; b[n][2] = v.z; b[n][3] = v.w;
       }
     }
@@ -483,7 +487,7 @@ __device__ __forceinline__ void zero_acc(float (&acc)[R][NT][4]) {
 // Blocks per SM: with R = 1 above NT = 1 two (128 registers); left free, ptxas took 212 at NT = 4 and one
 // block per SM lost 1.4x (benchmarks/RESULTS.md, round 3). R = 2 at NT = 4 needs ~254. SX: three (80
 // registers; at 64 round 6's straight-line step loop spilled), two at 3 bit (its 12 code words).
-template <typename T, int BITS, int NT, bool NORM, bool SX, int R, int GS>
+template <typename T, int BITS, int NT, bool NORM, bool SX, int R, int GS, bool KCHK = false>
 __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R > 1 ? 1 : 2))
     gemv_kernel(const GemvArgs a, const NormIO io) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -539,6 +543,9 @@ __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R >
   // x already times nw (NormIO::ss_in) at 4 bit only, the decoder's one use: at 2 bit with R = 2 its code
   // alone made ptxas spill 4 bytes in the step loop
   if (SX) stage_x<T, NORM, SU, BITS == 4>(a, io, sx, ldx, rss_sx, lane, warp);
+  int xo[NT];  // without SX: where the lane's x rows start, in elements (M * stride_xm < 2^31)
+#pragma unroll
+  for (int n = 0; n < NT; ++n) xo[n] = min(8 * n + (lane >> 2), a.M - 1) * (int)a.stride_xm + 8 * (lane & 3);
   uint4* const ring_end = ring + nst * su4;
   uint4* slot = ring;                     // read this step
   uint4* fill = ring + (nst - 1) * su4;   // refilled this step: the one read last step
@@ -551,7 +558,7 @@ __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R >
     fill = slot;  // next step refills the slot read now (cur) and reads the one after it
     if (slot + su4 == ring_end) slot = ring;
     else slot += su4;
-    step_mma<T, BITS, NT, SX, R, GS>(a, fill, s, s + 1 == s1, sx, ldx, lane, acc, tmp, xsum);
+    step_mma<T, BITS, NT, SX, R, GS, KCHK>(a, fill, s, s + 1 == s1, sx, ldx, xo, lane, acc, tmp, xsum);
   }
 
   // block reduction over the warps' K slices, in the rings' memory once every warp is done
@@ -831,13 +838,22 @@ bool launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
     return launch(err, kern, dim3(groups), block, smem, stream, pdl, a, io);
   };
   bool ok = false;
-#define QLB_GEMV(NT, NORM, SX, R, GS) ok = go(qlb::gemv_kernel<T, BITS, NT, NORM, SX, R, GS>)
+  // unstaged x whose K is not whole 256-column steps: the kernels that test each load against K (the group size
+  // read at run time); the others read x unchecked
+  const bool ktail = !sx && K % 256 != 0;
+#define QLB_GEMV(NT, NORM, SX, R, GS) ok = go(qlb::gemv_kernel<T, BITS, NT, NORM, SX, R, GS, false>)
   // Up to 16 rows, groups of 128 (4 spans: the common case) compile the group epilogue for that size,
   // with no test and branch per span (SASS, step loop at M = 1: 467 instructions against ~710 run;
   // H200: 15-25% less time at M = 1..16, benchmarks/RESULTS.md round 6). At 32 rows it measured
   // slower (qkv 44.1 against 41.5 us), so there and at other group sizes the size is read at run time.
 #define QLB_GEMV_G(NT, NORM, SX, R)                                                                                 \
   do {                                                                                                              \
+    if constexpr (!SX) {                                                                                            \
+      if (ktail) {                                                                                                  \
+        ok = go(qlb::gemv_kernel<T, BITS, NT, NORM, SX, R, -1, true>);                                              \
+        break;                                                                                                      \
+      }                                                                                                             \
+    }                                                                                                               \
     if constexpr (NT < 4) {                                                                                         \
       if (log2_spg == 2) {                                                                                          \
         QLB_GEMV(NT, NORM, SX, R, 2);                                                                               \

@@ -1,0 +1,54 @@
+"""Decode A/B of versions of ``lowbit_cuda.cu`` in one process, in alternating order (CUDA).
+
+    PYTHONPATH=. python3 benchmarks/decode_variants.py OUT.json 4,2 1,2,8,16 head=qalora/kernels/lowbit_cuda.cu \
+        xaddr=other.cu chains2=chains.cu:QLB_CHAINS=2
+
+Arguments: the JSON to write, bit widths, decode batches, then ``NAME=SOURCE[:DEFINE,...]`` per variant. Each
+variant is built GEMV-only (``cuda_ext.build(..., with_gemm=False)``), so batches must stay below
+``gpu_matmul.WGMMA_MIN_M`` (17: the wgmma GEMM is timed at 17 rows and up, here never). Per bit width one
+synthetic LLaMA-7B (group 128, bf16) is decoded by every variant in two passes, the second in reverse order, so
+a drift over the run shows as a difference between passes, not between variants. The harness is
+``decode_ab.run`` (CUDA-graph replays, context 128, 64 steps, median of 5). Tokens/s per run go to the JSON,
+rewritten after each run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from decode_ab import run  # noqa: E402
+
+from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
+from qalora.kernels import cuda_ext, gpu_matmul  # noqa: E402
+
+
+def main(out_path: str, bits_list: list[int], batches: list[int], specs: list[str]) -> None:
+    mods = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        src, _, defs = rest.partition(":")
+        mods[name] = cuda_ext.build(Path(src).read_text(), tuple(d for d in defs.split(",") if d), with_gemm=False)
+    out: dict = {"device": torch.cuda.get_device_name(), "argv": sys.argv, "runs": []}
+    for bits in bits_list:
+        src = synthetic_source("llama-7b", bits, 128, torch.device("cuda"), torch.bfloat16)
+        hn = StaticDecoder(src, "lowbit", torch.bfloat16)
+        for p in range(2):
+            for name in list(mods) if p == 0 else list(mods)[::-1]:
+                gpu_matmul.ext = lambda m=mods[name]: m  # every kernel call goes through gpu_matmul.ext
+                r = run(hn, batches, [], (), 5, ["split"], [gpu_matmul.WGMMA_MIN_M])
+                out["runs"].append({"bits": bits, "pass": p, "variant": name, "decode": r["decode"]})
+                print(bits, p, name, {k: round(v["tokens_per_s"], 1) for k, v in r["decode"].items()}, flush=True)
+                Path(out_path).write_text(json.dumps(out, indent=1))
+        del hn, src
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main(sys.argv[1], [int(b) for b in sys.argv[2].split(",")], [int(b) for b in sys.argv[3].split(",")], sys.argv[4:])
