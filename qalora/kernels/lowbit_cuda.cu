@@ -543,7 +543,7 @@ __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R >
   // x already times nw (NormIO::ss_in) at 4 bit only, the decoder's one use: at 2 bit with R = 2 its code
   // alone made ptxas spill 4 bytes in the step loop
   if (SX) stage_x<T, NORM, SU, BITS == 4>(a, io, sx, ldx, rss_sx, lane, warp);
-  int xo[NT];  // without SX: where the lane's x rows start, in elements (M * stride_xm < 2^31)
+  int xo[NT];  // without SX: where the lane's x rows start, in elements (< 2^31, launch_gemv checks)
 #pragma unroll
   for (int n = 0; n < NT; ++n) xo[n] = min(8 * n + (lane >> 2), a.M - 1) * (int)a.stride_xm + 8 * (lane & 3);
   uint4* const ring_end = ring + nst * su4;
@@ -805,6 +805,9 @@ bool launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
             "the next norm's input needs the residual epilogue, a weight [%d], xn [%d, %d] and sums [%d, %d]", N, M, N,
             M, T_);
   QLB_CHECK(err, !next || M <= 8, "the next norm's input is written for up to 8 rows, not %d", M);
+  // the unstaged kernels address x in 32-bit offsets (xo in gemv_kernel)
+  QLB_CHECK(err, sx || (long long)(M - 1) * x.stride(0) + K <= 0x7fffffffLL,
+            "x's %d rows span more than 2^31 elements (row stride %lld): pass x contiguous", M, (long long)x.stride(0));
   const int groups = (T_ + r - 1) / r;
   qlb::GemvArgs a;
   a.xv = x.data_ptr();
