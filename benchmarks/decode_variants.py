@@ -3,8 +3,9 @@
     PYTHONPATH=. python3 benchmarks/decode_variants.py OUT.json 4,2 1,2,8,16 head=qalora/kernels/lowbit_cuda.cu \
         xaddr=other.cu chains2=chains.cu:QLB_CHAINS=2
 
-Arguments: the JSON to write, bit widths, decode batches, then ``NAME=SOURCE[:DEFINE,...]`` per variant. Each
-variant is built GEMV-only (``cuda_ext.build(..., with_gemm=False)``), so batches must stay below
+Arguments: the JSON to write, bit widths, decode batches, then ``NAME=SOURCE[:DEFINE,...]`` per variant, as
+``kernel_ab.py`` reads it (``shipped`` = this tree's source; its pseudo-defines do nothing here). Each variant is built
+GEMV-only (``cuda_ext.build(..., with_gemm=False)``), so batches must stay below
 ``gpu_matmul.WGMMA_MIN_M`` (17: the wgmma GEMM is timed at 17 rows and up, here never). Per bit width one
 synthetic LLaMA-7B (group 128, bf16) is decoded by every variant in two passes, the second in reverse order, so
 a drift over the run shows as a difference between passes, not between variants. The harness is
@@ -23,17 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from decode_ab import run  # noqa: E402
+from kernel_ab import parse_variant  # noqa: E402
 
 from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
-from qalora.kernels import cuda_ext, gpu_matmul  # noqa: E402
+from qalora.kernels import gpu_matmul  # noqa: E402
 
 
 def main(out_path: str, bits_list: list[int], batches: list[int], specs: list[str]) -> None:
-    mods = {}
-    for spec in specs:
-        name, _, rest = spec.partition("=")
-        src, _, defs = rest.partition(":")
-        mods[name] = cuda_ext.build(Path(src).read_text(), tuple(d for d in defs.split(",") if d), with_gemm=False)
+    if max(batches) >= gpu_matmul.WGMMA_MIN_M:
+        raise SystemExit(f"batches {batches}: each must be < {gpu_matmul.WGMMA_MIN_M} (gpu_matmul.WGMMA_MIN_M); "
+                         "the variants are built without the wgmma GEMM")
+    mods = {name: mod for name, (mod, _pdl, _check) in map(parse_variant, specs)}
     out: dict = {"device": torch.cuda.get_device_name(), "argv": sys.argv, "runs": []}
     for bits in bits_list:
         src = synthetic_source("llama-7b", bits, 128, torch.device("cuda"), torch.bfloat16)
@@ -51,4 +52,5 @@ def main(out_path: str, bits_list: list[int], batches: list[int], specs: list[st
 
 if __name__ == "__main__":
     with torch.no_grad():
-        main(sys.argv[1], [int(b) for b in sys.argv[2].split(",")], [int(b) for b in sys.argv[3].split(",")], sys.argv[4:])
+        ints = [[int(b) for b in arg.split(",")] for arg in sys.argv[2:4]]
+        main(sys.argv[1], *ints, sys.argv[4:])
