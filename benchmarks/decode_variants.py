@@ -4,7 +4,9 @@
         xaddr=other.cu chains2=chains.cu:QLB_CHAINS=2
 
 Arguments: the JSON to write, bit widths, decode batches, then ``NAME=SOURCE[:DEFINE,...]`` per variant, as
-``kernel_ab.py`` reads it (``shipped`` = this tree's source; its pseudo-defines do nothing here). Each variant is built
+``kernel_ab.py`` reads it (``shipped`` = this tree's source; its pseudo-defines do nothing here), plus pseudo-defines
+``@NAME=INT`` that set ``gpu_matmul.NAME`` while that variant decodes (launch defaults such as ``@MANY_TILES=100000``:
+8 warps for every weight, ``default_warps``; ``@DEFAULT_STAGES=3``). Each variant is built
 GEMV-only (``cuda_ext.build(..., with_gemm=False)``), so batches must stay below
 ``gpu_matmul.WGMMA_MIN_M`` (17: the wgmma GEMM is timed at 17 rows and up, here never). Per bit width one
 synthetic LLaMA-7B (group 128, bf16) is decoded by every variant in two passes, the second in reverse order, so
@@ -34,7 +36,16 @@ def main(out_path: str, bits_list: list[int], batches: list[int], specs: list[st
     if max(batches) >= gpu_matmul.WGMMA_MIN_M:
         raise SystemExit(f"batches {batches}: each must be < {gpu_matmul.WGMMA_MIN_M} (gpu_matmul.WGMMA_MIN_M); "
                          "the variants are built without the wgmma GEMM")
-    mods = {name: mod for name, (mod, _pdl, _check) in map(parse_variant, specs)}
+    mods, knobs = {}, {}
+    for spec in specs:
+        path, _, defs = spec.partition(":")
+        py = [d[1:].split("=") for d in defs.split(",") if d.startswith("@")]
+        name, (mods[name], _pdl, _check) = parse_variant(path + ":" + ",".join(d for d in defs.split(",") if d[:1] != "@"))
+        for key, _ in py:
+            if not isinstance(getattr(gpu_matmul, key, None), int):
+                raise SystemExit(f"{spec}: gpu_matmul has no integer {key}")
+        knobs[name] = {key: int(v) for key, v in py}
+    defaults = {key: getattr(gpu_matmul, key) for kn in knobs.values() for key in kn}
     out: dict = {"device": torch.cuda.get_device_name(), "argv": sys.argv, "runs": []}
     for bits in bits_list:
         src = synthetic_source("llama-7b", bits, 128, torch.device("cuda"), torch.bfloat16)
@@ -42,6 +53,8 @@ def main(out_path: str, bits_list: list[int], batches: list[int], specs: list[st
         for p in range(2):
             for name in list(mods) if p == 0 else list(mods)[::-1]:
                 gpu_matmul.ext = lambda m=mods[name]: m  # every kernel call goes through gpu_matmul.ext
+                for key, v in {**defaults, **knobs[name]}.items():
+                    setattr(gpu_matmul, key, v)
                 r = run(hn, batches, [], (), 5, ["split"], [gpu_matmul.WGMMA_MIN_M])
                 out["runs"].append({"bits": bits, "pass": p, "variant": name, "decode": r["decode"]})
                 print(bits, p, name, {k: round(v["tokens_per_s"], 1) for k, v in r["decode"].items()}, flush=True)
