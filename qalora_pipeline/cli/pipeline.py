@@ -176,12 +176,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from qalora_pipeline.flows.local_server import local_server, stop_runs
     from qalora_pipeline.flows.pipeline import qalora_pipeline
+    from qalora_pipeline.flows.runner import serve as serve_flow
     from qalora.paths import state_dir
 
     def serve(server_pid: int | None = None) -> None:
         try:
-            qalora_pipeline.serve(
-                name=args.name, **({"cron": args.cron} if args.cron else {"interval": args.interval}),
+            serve_flow(
+                qalora_pipeline, name=args.name, **({"cron": args.cron} if args.cron else {"interval": args.interval}),
                 parameters={"params_file": str(args.params), "overrides": args.set or [],
                             "project_dir": str(Path(args.project_dir).resolve()), "scheduled": True},
                 # A run still going when the next is due: the new one is cancelled, never a second copy on the state.
