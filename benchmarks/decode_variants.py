@@ -39,8 +39,9 @@ def main(out_path: str, bits_list: list[int], batches: list[int], specs: list[st
     mods, knobs = {}, {}
     for spec in specs:
         path, _, defs = spec.partition(":")
-        py = [d[1:].split("=") for d in defs.split(",") if d.startswith("@")]
-        name, (mods[name], _pdl, _check) = parse_variant(path + ":" + ",".join(d for d in defs.split(",") if d[:1] != "@"))
+        parts = [d for d in defs.split(",") if d]
+        py = [d[1:].split("=") for d in parts if d.startswith("@")]
+        name, (mods[name], _pdl, _check) = parse_variant(path + ":" + ",".join(d for d in parts if d[0] != "@"))
         for key, _ in py:
             if not isinstance(getattr(gpu_matmul, key, None), int):
                 raise SystemExit(f"{spec}: gpu_matmul has no integer {key}")

@@ -28,9 +28,10 @@ class StoppingRunner(Runner):
         self._logger.info("SIGTERM received, shutting down")
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:
+        except RuntimeError:  # the loop is not running yet: nothing to swallow the exit
             _exit()
-        loop.call_soon_threadsafe(_exit)
+        else:
+            loop.call_soon_threadsafe(_exit)
 
 
 def serve(flow: Flow, name: str, parameters: dict[str, Any], limit: int, global_limit: Any, **schedule: Any) -> None:
