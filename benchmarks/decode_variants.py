@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from decode_ab import run  # noqa: E402
-from kernel_ab import parse_variant  # noqa: E402
+from kernel_ab import launch_knobs, parse_variant  # noqa: E402
 
 from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
 from qalora.kernels import gpu_matmul  # noqa: E402
@@ -39,13 +39,9 @@ def main(out_path: str, bits_list: list[int], batches: list[int], specs: list[st
     mods, knobs = {}, {}
     for spec in specs:
         path, _, defs = spec.partition(":")
-        parts = [d for d in defs.split(",") if d]
-        py = [d[1:].split("=") for d in parts if d.startswith("@")]
-        name, (mods[name], _pdl, _check) = parse_variant(path + ":" + ",".join(d for d in parts if d[0] != "@"))
-        for key, _ in py:
-            if not isinstance(getattr(gpu_matmul, key, None), int):
-                raise SystemExit(f"{spec}: gpu_matmul has no integer {key}")
-        knobs[name] = {key: int(v) for key, v in py}
+        defines, kn = launch_knobs(spec, [d for d in defs.split(",") if d])
+        name, (mods[name], _pdl, _check) = parse_variant(path + ":" + ",".join(defines))
+        knobs[name] = kn
     defaults = {key: getattr(gpu_matmul, key) for kn in knobs.values() for key in kn}
     out: dict = {"device": torch.cuda.get_device_name(), "argv": sys.argv, "runs": []}
     for bits in bits_list:

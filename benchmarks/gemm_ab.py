@@ -4,6 +4,16 @@ shape of ``gpu_matmul.GEMM_CONFIGS``), dequantize + cuBLAS, and cuBLAS bf16 on a
     PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json [--m 128,256,512,2048] [--bits 4]
     PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json --decode 8,16,32,64 --configs 3,4,5 --splits 1,2,4
 
+``--variant NAME=SOURCE[:DEFINE,...]`` (repeatable): versions of ``lowbit_gemm.cu`` side by side in the same
+process (``shipped`` = this tree's; ``cuda_ext.build`` with the tree's ``lowbit_cuda.cu``), each checked and
+timed at every block shape and split; pseudo-defines ``@NAME=INT`` set a ``gpu_matmul`` integer while that variant
+runs (``@SPLIT_MAX_ROWS=256`` with ``QLB_GEMM_SPLIT_ROWS=256``: K splits at every block shape). ``--splits``
+applies to prefill rows too (blocks of at most ``SPLIT_MAX_ROWS`` x rows). Without ``--variant``: the shipped
+kernels, the timings keyed ``wgmma{shape}[/{splits}]``; with it, ``{NAME}.wgmma{shape}[/{splits}]``.
+
+    PYTHONPATH=. python3 benchmarks/gemm_ab.py --json OUT.json --m 256,512 --configs 0,1 --splits 1,2,4 \
+        --variant head=shipped --variant split256=shipped:QLB_GEMM_SPLIT_ROWS=256,@SPLIT_MAX_ROWS=256
+
 ``--decode``: decode batches instead, each GEMM as the decode step calls it (qkv stores, o and down add
 into the fp32 residual stream, gate_up fused with silu(gate) * up): the skinny GEMV (M <= 32), the wgmma
 GEMM at each block shape of at most 64 x rows and each number of K splits, cuBLAS bf16 (+ the add).
@@ -20,9 +30,12 @@ the activation as its own kernel, as the decoder does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,9 +43,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kernel_ab import launch_knobs  # noqa: E402
 from kernel_sweep import SHAPES, copies, rand_pw, time_us  # noqa: E402
-from qalora.kernels import gpu_matmul  # noqa: E402
-from qalora.kernels.cuda_ext import ext  # noqa: E402
+from qalora.kernels import cuda_ext, gpu_matmul  # noqa: E402
+
+
+class Variant(NamedTuple):
+    """A build of the kernels and the ``gpu_matmul`` integers set while it runs; ``name`` prefixes its keys."""
+    name: str
+    mod: ModuleType
+    knobs: dict[str, int]
+
+
+def parse_variant(spec: str) -> Variant:
+    """NAME=SOURCE[:DEFINE,...] -> its build (``SOURCE``: a ``lowbit_gemm.cu``, or ``shipped``)."""
+    name, _, rest = spec.partition("=")
+    src, _, defs = rest.partition(":")
+    if not name or not src:
+        raise SystemExit(f"--variant {spec!r}: NAME=SOURCE[:DEFINE,...]")
+    defines, knobs = launch_knobs(spec, [d for d in defs.split(",") if d])
+    if src == "shipped" and not defines:
+        return Variant(name, cuda_ext.ext(), knobs)
+    gemm = cuda_ext.GEMM_SOURCE if src == "shipped" else Path(src)
+    return Variant(name, cuda_ext.build(cuda_ext.SOURCE.read_text(), defines, gemm_src=gemm.read_text()), knobs)
+
+
+@contextlib.contextmanager
+def using(v: Variant):
+    """Every kernel call (through ``gpu_matmul.ext``) and ``v``'s knobs are ``v``'s inside the block."""
+    saved = {"ext": gpu_matmul.ext, **{k: getattr(gpu_matmul, k) for k in v.knobs}}
+    gpu_matmul.ext = lambda: v.mod
+    for k, val in v.knobs.items():
+        setattr(gpu_matmul, k, val)
+    try:
+        yield
+    finally:
+        for k, val in saved.items():
+            setattr(gpu_matmul, k, val)
+
+
+def key(v: Variant, cfg: int, sp: int) -> str:
+    return f"{v.name + '.' if v.name else ''}wgmma{cfg}" + (f"/{sp}" if sp > 1 else "")
+
+
+def split_counts(cfg: int, splits: list[int], steps: int) -> list[int]:
+    """The K splits block shape ``cfg`` takes here (``SPLIT_MAX_ROWS`` as the running variant sets it)."""
+    if gpu_matmul.GEMM_CONFIGS[cfg][0] > gpu_matmul.SPLIT_MAX_ROWS:
+        return [1]
+    return [sp for sp in splits if sp <= steps]
 
 
 def reference(x: torch.Tensor, pw) -> torch.Tensor:
@@ -50,7 +108,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b).norm() / b.norm())
 
 
-def check(rows: list, configs: list[int], splits: list[int]) -> bool:
+def check(rows: list, configs: list[int], splits: list[int], v: Variant) -> bool:
     ok = True
     cases = [(4, 128, 208, 768, 300, False, False), (4, 128, 208, 896, 77, False, True),
              (3, 128, 208, 768, 300, False, True), (2, 128, 208, 768, 300, False, False),
@@ -65,7 +123,7 @@ def check(rows: list, configs: list[int], splits: list[int]) -> bool:
         e_dq = rel(gpu_matmul.dequant_matmul(x, pw), ref)
         for cfg in configs:
             small = gpu_matmul.GEMM_CONFIGS[cfg][0] <= gpu_matmul.SPLIT_MAX_ROWS
-            for sp in [sp for sp in splits if sp <= -(-k // 256)] if small else [1]:
+            for sp in split_counts(cfg, splits, -(-k // 256)):
                 for acc in (False, True) if small and not glu else (False,):
                     def run():
                         if not acc:
@@ -77,16 +135,16 @@ def check(rows: list, configs: list[int], splits: list[int]) -> bool:
                     except RuntimeError as exc:  # built for one group size only (QLB_GEMM_L2S_ONLY)
                         if "built for log2_spg" not in str(exc):
                             raise
-                        print(f"check {bits}b g{g} cfg {cfg}: not built", flush=True)
+                        print(f"check {v.name} {bits}b g{g} cfg {cfg}: not built", flush=True)
                         break
                     e = rel(y, ref)
                     same = bool(torch.equal(y, run()))
                     good = e <= 1.5 * e_dq + 1e-4 and same
                     ok &= good
-                    rows.append({"kind": "check", "bits": bits, "group": g, "n": n, "k": k, "m": m, "glu": glu,
-                                 "bias": bias, "config": cfg, "splits": sp, "accumulate": acc, "rel_err": e,
-                                 "rel_err_dequant_cublas": e_dq, "repeat_equal": same, "ok": good})
-                    print(f"check {bits}b g{g} n={n} k={k} m={m} glu={glu} bias={bias} cfg {cfg} splits {sp} "
+                    rows.append({"kind": "check", "variant": v.name, "bits": bits, "group": g, "n": n, "k": k,
+                                 "m": m, "glu": glu, "bias": bias, "config": cfg, "splits": sp, "accumulate": acc,
+                                 "rel_err": e, "rel_err_dequant_cublas": e_dq, "repeat_equal": same, "ok": good})
+                    print(f"check {v.name} {bits}b g{g} n={n} k={k} m={m} glu={glu} bias={bias} cfg {cfg} splits {sp} "
                           f"acc={acc}: {e:.2e} (dequant+cuBLAS {e_dq:.2e}) repeat-equal={same} "
                           f"{'ok' if good else 'FAIL'}", flush=True)
     return ok
@@ -108,10 +166,12 @@ def rotation():
     return rot
 
 
-def bench(rows: list, ms: list[int], configs: list[int], bits: int) -> None:
+def bench(rows: list, ms: list[int], configs: list[int], splits: list[int], bits: int,
+          variants: list[Variant]) -> None:
     for name, (n, k) in SHAPES.items():
         glu = name == "gate_up"
         pws, dense = weights(n, k, bits, glu)
+        steps = pws[0].tiles.shape[1]
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             rot = rotation()
@@ -121,40 +181,52 @@ def bench(rows: list, ms: list[int], configs: list[int], bits: int) -> None:
                 return gpu_matmul.glu_act(y) if glu else y
 
             fns = {"cublas_bf16": dense_fn, "dequant_cublas": lambda: gpu_matmul.dequant_matmul(x, rot(pws))}
-            for cfg in configs:
-                fns[f"wgmma{cfg}"] = lambda cfg=cfg: gpu_matmul.wgmma_gemm(x, rot(pws), cfg)
-            steps = pws[0].tiles.shape[1]
+            plans = {}  # timing key -> (variant, block shape, splits)
+            for v in variants:
+                with using(v):
+                    for cfg in configs:
+                        for sp in split_counts(cfg, splits, steps):
+                            plans[key(v, cfg, sp)] = (v, cfg, sp)
+            for kname, (v, cfg, sp) in plans.items():
+                def fn(v=v, cfg=cfg, sp=sp):
+                    with using(v):
+                        return gpu_matmul.wgmma_gemm(x, rot(pws), cfg, splits=sp)
+                fns[kname] = fn
             fns["x_image"] = lambda: gpu_matmul.x_image(x, steps)
             res = {}
             for vname, fn in fns.items():
                 try:
                     res[vname] = time_us(fn, calls=10, reps=7)
-                except Exception as e:  # a block shape the device refuses: recorded, skipped
+                except (RuntimeError, ValueError) as e:  # a block shape the device refuses: recorded, skipped
                     res[vname] = None
                     print(f"  {vname}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            best = min((c for c in configs if res.get(f"wgmma{c}")), key=lambda c: res[f"wgmma{c}"], default=None)
-            if best is not None:
+            best = min((kn for kn in plans if res.get(kn)), key=res.get, default=None)
+            if best is not None:  # the best one's kernel alone, x laid out once outside the graph
+                v, cfg, sp = plans[best]
                 pw = pws[0]
                 out = torch.empty(m, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16)
-                e = gpu_matmul._empty(x.device)
+                e = part = sem = gpu_matmul._empty(x.device)
+                if sp > 1:
+                    blocks = gpu_matmul._gemm_blocks(m, pw.tiles.shape[0], cfg)
+                    part, sem = gpu_matmul._split_workspace(x.device, sp * m * n, blocks)
                 xs = gpu_matmul.x_image(x, steps)
-                res["wgmma_kernel_only"] = time_us(lambda: ext().gemm(xs, pw.tiles, pw.coef, e, out, bits, m, n,
-                                                                      pw.log2_spg, glu, best, False, 1, e, e),
+                res["wgmma_kernel_only"] = time_us(lambda: v.mod.gemm(xs, pw.tiles, pw.coef, e, out, bits, m, n,
+                                                                      pw.log2_spg, glu, cfg, False, sp, part, sem),
                                                    calls=10, reps=7)
             flops = 2 * m * n * k
-            row = {"kind": "time", "bits": bits, "shape": name, "n": n, "k": k, "m": m, "us": res, "best_config": best,
+            row = {"kind": "time", "bits": bits, "shape": name, "n": n, "k": k, "m": m, "us": res, "best": best,
                    "TFLOPs_cublas": flops / res["cublas_bf16"] / 1e6}
             rows.append(row)
             cub = res["cublas_bf16"]
             line = " ".join(f"{v}={t:.1f}" for v, t in res.items() if t)
-            wb = res.get(f"wgmma{best}") if best is not None else None
             print(f"{bits}b {name:8s} M={m:5d}: {line} | bf16/dequant {cub / res['dequant_cublas']:.2f}x"
-                  + (f", bf16/wgmma{best} {cub / wb:.2f}x" if wb else ""), flush=True)
+                  + (f", bf16/{best} {cub / res[best]:.2f}x" if best else ""), flush=True)
         del pws, dense
         torch.cuda.empty_cache()
 
 
-def bench_decode(rows: list, ms: list[int], configs: list[int], splits: list[int], bits: int) -> None:
+def bench_decode(rows: list, ms: list[int], configs: list[int], splits: list[int], bits: int,
+                 variants: list[Variant]) -> None:
     """Each LLaMA-7B GEMM at decode batch m as the decode step calls it; µs, CUDA-graph replays."""
     for name, (n, k) in SHAPES.items():
         glu, acc = name == "gate_up", name in ("o", "down")
@@ -173,10 +245,14 @@ def bench_decode(rows: list, ms: list[int], configs: list[int], splits: list[int
             fns = {"cublas_bf16": dense_fn}
             if m <= gpu_matmul.SKINNY_MAX_M:
                 fns["skinny"] = lambda: gpu_matmul.gemv(x, rot(pws), out=h if acc else None, accumulate=acc)
-            for cfg in configs:
-                for sp in splits:
-                    fns[f"wgmma{cfg}/{sp}"] = lambda cfg=cfg, sp=sp: gpu_matmul.wgmma_gemm(
-                        x, rot(pws), cfg, out=h if acc else None, accumulate=acc, splits=sp)
+            for v in variants:
+                for cfg in configs:
+                    for sp in splits:
+                        def fn(v=v, cfg=cfg, sp=sp):
+                            with using(v):
+                                return gpu_matmul.wgmma_gemm(x, rot(pws), cfg, out=h if acc else None,
+                                                             accumulate=acc, splits=sp)
+                        fns[f"{v.name + '.' if v.name else ''}wgmma{cfg}/{sp}"] = fn
             fns["x_image"] = lambda: gpu_matmul.x_image(x, pws[0].tiles.shape[1])
             res = {}
             for vname, fn in fns.items():
@@ -185,7 +261,7 @@ def bench_decode(rows: list, ms: list[int], configs: list[int], splits: list[int
                 except (RuntimeError, ValueError) as e:  # a shape or split the kernel refuses: recorded, skipped
                     res[vname] = None
                     print(f"  {vname}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            wg = {v: t for v, t in res.items() if v.startswith("wgmma") and t}
+            wg = {v: t for v, t in res.items() if "wgmma" in v and t}
             best = min(wg, key=wg.get, default=None)
             plan = gpu_matmul.decode_gemm_plan(m, pws[0])
             rows.append({"kind": "decode", "bits": bits, "shape": name, "n": n, "k": k, "m": m, "us": res,
@@ -205,7 +281,8 @@ def main() -> None:
     ap.add_argument("--m", default="128,256,512,1024,2048")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--configs", default=",".join(str(c) for c in gpu_matmul.GEMM_CONFIGS))
-    ap.add_argument("--splits", default="1", help="K splits to time (blocks of at most 64 x rows)")
+    ap.add_argument("--splits", default="1", help="K splits to time (blocks of at most SPLIT_MAX_ROWS x rows)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME=SOURCE[:DEFINE,...] (see above)")
     ap.add_argument("--decode", default="", help="decode batches to time instead of --m (see above)")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-check", action="store_true")
@@ -214,15 +291,19 @@ def main() -> None:
     splits = [int(c) for c in args.splits.split(",")]
     rows: list = []
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args), "rows": rows}
+    variants = [parse_variant(spec) for spec in args.variant] or [Variant("", cuda_ext.ext(), {})]
     if not args.skip_check:
-        out["check_ok"] = check(rows, configs, sorted(set(splits) | {1, 3}))
+        out["check_ok"] = True
+        for v in variants:
+            with using(v):
+                out["check_ok"] &= check(rows, configs, sorted(set(splits) | {1, 3}), v)
     gpu_matmul.WGMMA_MIN_M = 1 << 30  # "skinny" is the GEMV kernel itself
     if args.skip_bench:
         pass
     elif args.decode:
-        bench_decode(rows, [int(m) for m in args.decode.split(",")], configs, splits, args.bits)
+        bench_decode(rows, [int(m) for m in args.decode.split(",")], configs, splits, args.bits, variants)
     else:
-        bench(rows, [int(m) for m in args.m.split(",")], configs, args.bits)
+        bench(rows, [int(m) for m in args.m.split(",")], configs, splits, args.bits, variants)
     Path(args.json).write_text(json.dumps(out, indent=1))
 
 

@@ -39,6 +39,21 @@ from qalora.kernels.prepared import prepare_layer  # noqa: E402
 from qalora.lowbit import LowBitLinear  # noqa: E402
 
 
+def launch_knobs(spec: str, defines: list[str]) -> tuple[tuple[str, ...], dict[str, int]]:
+    """A variant's ``-D`` defines and its pseudo-defines ``@NAME=INT``: ``gpu_matmul`` integers to set while that
+    variant runs (launch defaults such as ``@DEFAULT_STAGES=3``); exits naming ``spec`` on an unknown name."""
+    from qalora.kernels import gpu_matmul
+
+    knobs = {}
+    for d in defines:
+        if d.startswith("@"):
+            key, _, v = d[1:].partition("=")
+            if not isinstance(getattr(gpu_matmul, key, None), int) or not v.lstrip("-").isdigit():
+                raise SystemExit(f"{spec}: {d} must be @NAME=INT with NAME an integer of gpu_matmul")
+            knobs[key] = int(v)
+    return tuple(d for d in defines if not d.startswith("@")), knobs
+
+
 def parse_variant(spec: str):
     """NAME=SOURCE[:DEFINE,...] -> (name, (module, pdl, check))."""
     name, _, rest = spec.partition("=")

@@ -270,7 +270,7 @@ def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
 # columns per k-block KBS, x ring slots NS, code ring slots CS (256-column steps))
 GEMM_CONFIGS = {0: (256, 2, 4, 4, 2), 1: (128, 2, 8, 4, 2), 2: (256, 2, 4, 3, 2), 3: (64, 2, 8, 4, 2),
                 4: (32, 1, 8, 4, 4), 5: (64, 1, 8, 4, 4)}
-SPLIT_MAX_ROWS = 64  # split K is compiled in for blocks of up to this many x rows (lowbit_gemm.cu)
+SPLIT_MAX_ROWS = 64  # split K is compiled in for blocks of up to this many x rows (QLB_GEMM_SPLIT_ROWS)
 
 
 def gemm_config(m: int, n: int) -> int:

@@ -18,6 +18,11 @@
 
 #include <type_traits>
 
+// blocks of up to this many x rows have split K compiled in (gpu_matmul.SPLIT_MAX_ROWS says the same)
+#ifndef QLB_GEMM_SPLIT_ROWS
+#define QLB_GEMM_SPLIT_ROWS 64
+#endif
+
 namespace qlb {
 
 #define QLB_ACC8(d, i)                                                                                       \
@@ -309,7 +314,7 @@ __device__ __forceinline__ void lds_step(uint32_t src, int lane, int g, uint32_t
 
 // y [M, N] = x [M, K] W^T (+ bias), or silu(gate) * up [M, N/2] (glu), or out [M, N] += x W^T (accum).
 // grid (cdiv(M, BN), cdiv(#tiles, 4 WG), splits), block 128 WG: block z takes the z-th of splits ranges of
-// K's steps (split_reduce adds them; BN <= 64 only); warpgroup wg takes the 64 rows of tiles
+// K's steps (split_reduce adds them; BN <= QLB_GEMM_SPLIT_ROWS only); warpgroup wg takes the 64 rows of tiles
 // 4 (WG y + wg) .. +3 (warp w: tile 4 WG y + w) against BN rows of x. Blocks along x share one block of
 // weights and run side by side, so it is read from HBM about once. The K loop runs over k-blocks of
 // 16 KBS columns; a k-block's KBS wgmmas are issued back to back while the next k-block's A fragments
@@ -337,8 +342,9 @@ __global__ void __launch_bounds__(128 * WG, BN <= 32 && WG == 1 ? (L2S >= 1 ? 4 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * BN, tile0 = blockIdx.y * TPB;
   // split K: blockIdx.z takes steps s0 .. s0 + ns - 1 of the S (the ring's step and k-block indices count from s0)
-  // (compiled in only for decode's blocks of x rows: at 256 rows the extra indices cost ~30 registers)
-  constexpr bool SPLIT = BN <= 64;
+  // (compiled in only for blocks of up to QLB_GEMM_SPLIT_ROWS x rows: at 256 rows the extra indices cost ~30
+  // registers, round 9)
+  constexpr bool SPLIT = BN <= QLB_GEMM_SPLIT_ROWS;
   const int s0 = SPLIT ? blockIdx.z * a.S / a.splits : 0, ns = SPLIT ? (blockIdx.z + 1) * a.S / a.splits - s0 : a.S;
   const int nkb = ns * KBPS;
   const uint32_t xbytes = static_cast<uint32_t>(min(BN, a.Mp - m0)) * 128;  // per atom: rows past Mp stay stale
@@ -480,7 +486,8 @@ bool launch_gemm_cfg(const qlb::GemmArgs& a, char* err) {
                    + (NS + CS) * 8;                         // mbarriers
   const dim3 grid((a.M + BN - 1) / BN, (a.ntiles + 4 * WG - 1) / (4 * WG), a.splits), block(128 * WG);
   QLB_CHECK(err, grid.y <= 65535, "gemm: too many weight rows for one launch");
-  QLB_CHECK(err, a.splits == 1 || BN <= 64, "gemm: split K is built for blocks of up to 64 x rows, not %d", BN);
+  QLB_CHECK(err, a.splits == 1 || BN <= QLB_GEMM_SPLIT_ROWS,
+            "gemm: split K is built for blocks of up to %d x rows, not %d", QLB_GEMM_SPLIT_ROWS, BN);
   QLB_CHECK(err, a.splits == 1 || static_cast<long long>(grid.x) * grid.y <= a.nsem,
             "gemm: split K needs %lld counters, sem has %lld", static_cast<long long>(grid.x) * grid.y,
             static_cast<long long>(a.nsem));
