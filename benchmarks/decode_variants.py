@@ -8,7 +8,13 @@ Arguments: the JSON to write, bit widths, decode batches, then ``NAME=SOURCE[:DE
 ``@NAME=INT`` that set ``gpu_matmul.NAME`` while that variant decodes (launch defaults such as ``@MANY_TILES=100000``:
 8 warps for every weight, ``default_warps``; ``@DEFAULT_STAGES=3``). Each variant is built
 GEMV-only (``cuda_ext.build(..., with_gemm=False)``), so batches must stay below
-``gpu_matmul.WGMMA_MIN_M`` (17: the wgmma GEMM is timed at 17 rows and up, here never). Per bit width one
+``gpu_matmul.WGMMA_MIN_M`` (17: the decoder runs the wgmma GEMM from 17 rows), unless every SOURCE names a version of
+``lowbit_gemm.cu`` too, ``CUDA+GEMM`` (either may be ``shipped``; the defines go to both):
+
+    PYTHONPATH=. python3 benchmarks/decode_variants.py OUT.json 4 16,32 head=shipped+shipped \
+        ws2=shipped+ws.cu:QLB_GEMM_WS=2
+
+Per bit width one
 synthetic LLaMA-7B (group 128, bf16) is decoded by every variant in two passes, the second in reverse order, so
 a drift over the run shows as a difference between passes, not between variants. The harness is
 ``decode_ab.run`` (CUDA-graph replays, context 128, 64 steps, median of 5). Tokens/s per run go to the JSON,
@@ -29,18 +35,25 @@ from decode_ab import run  # noqa: E402
 from kernel_ab import launch_knobs, parse_variant  # noqa: E402
 
 from qalora.decoder import StaticDecoder, synthetic_source  # noqa: E402
-from qalora.kernels import gpu_matmul  # noqa: E402
+from qalora.kernels import cuda_ext, gpu_matmul  # noqa: E402
 
 
 def main(out_path: str, bits_list: list[int], batches: list[int], specs: list[str]) -> None:
-    if max(batches) >= gpu_matmul.WGMMA_MIN_M:
-        raise SystemExit(f"batches {batches}: each must be < {gpu_matmul.WGMMA_MIN_M} (gpu_matmul.WGMMA_MIN_M); "
-                         "the variants are built without the wgmma GEMM")
     mods, knobs = {}, {}
     for spec in specs:
         path, _, defs = spec.partition(":")
         defines, kn = launch_knobs(spec, [d for d in defs.split(",") if d])
-        name, (mods[name], _pdl, _check) = parse_variant(path + ":" + ",".join(defines))
+        path, _, gemm = path.partition("+")
+        if max(batches) >= gpu_matmul.WGMMA_MIN_M and not gemm:
+            raise SystemExit(f"{spec}: batches {batches} reach gpu_matmul.WGMMA_MIN_M = {gpu_matmul.WGMMA_MIN_M}, "
+                             "where the decoder runs the wgmma GEMM: name its source too, NAME=CUDA+GEMM")
+        if gemm:
+            name, _, cuda = path.partition("=")
+            csrc = {"shipped": cuda_ext.SOURCE}.get(cuda, Path(cuda)).read_text()
+            gsrc = {"shipped": cuda_ext.GEMM_SOURCE}.get(gemm, Path(gemm)).read_text()
+            mods[name] = cuda_ext.build(csrc, defines, gemm_src=gsrc)
+        else:
+            name, (mods[name], _pdl, _check) = parse_variant(path + ":" + ",".join(defines))
         knobs[name] = kn
     defaults = {key: getattr(gpu_matmul, key) for kn in knobs.values() for key in kn}
     out: dict = {"device": torch.cuda.get_device_name(), "argv": sys.argv, "runs": []}
