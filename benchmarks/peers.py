@@ -84,11 +84,16 @@ def ours(q, s, z, bits: int, group: int, warps: int | None = None, stages: int |
     return fn
 
 
-def tinygemm(q, s, z, group: int):
-    n, k = q.shape
+def tinygemm_pack(q, s, z) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's tinygemm INT4 operands of codes q [N, K] (int) and fp32 scales / float zeros [N, K/g]: the packed
+    weight and bf16 [K/g, N, 2] (scale, zero), its zero being s (8 - z)."""
     packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-    packed = torch._convert_weight_to_int4pack(packed_u8, 8)
-    sz = torch.stack([s.t(), (s * (8 - z)).t()], dim=-1).contiguous().bfloat16()  # [K/g, N, 2]
+    sz = torch.stack([s.t(), (s * (8 - z)).t()], dim=-1).contiguous().bfloat16()
+    return torch._convert_weight_to_int4pack(packed_u8, 8), sz
+
+
+def tinygemm(q, s, z, group: int):
+    packed, sz = tinygemm_pack(q, s, z)
     return lambda x: torch._weight_int4pack_mm(x, packed, group, sz)
 
 
