@@ -267,9 +267,11 @@ def dequant_matmul(x: torch.Tensor, pw: PreparedWeight) -> torch.Tensor:
 
 
 # lowbit_gemm.cu's block shapes by index: (x rows BN, warpgroups WG (64 weight rows each), slabs of 16
-# columns per k-block KBS, x ring slots NS, code ring slots CS (256-column steps))
-GEMM_CONFIGS = {0: (256, 2, 4, 4, 2), 1: (128, 2, 8, 4, 2), 2: (256, 2, 4, 3, 2), 3: (64, 2, 8, 4, 2),
-                4: (32, 1, 8, 4, 4), 5: (64, 1, 8, 4, 4)}
+# columns per k-block KBS, x ring slots NS, code ring slots CS (256-column steps), copy warps WS: 0 thread 0
+# copies between barriers, 1 a copy warp, 2 a copy warpgroup (warp specialization; the fastest per shape,
+# QLB_GEMM_CONFIGS))
+GEMM_CONFIGS = {0: (256, 2, 4, 4, 2, 0), 1: (128, 2, 8, 4, 2, 1), 2: (256, 2, 4, 3, 2, 0), 3: (64, 2, 8, 4, 2, 1),
+                4: (32, 1, 8, 4, 4, 2), 5: (64, 1, 8, 4, 4, 1)}
 SPLIT_MAX_ROWS = 64  # split K is compiled in for blocks of up to this many x rows (QLB_GEMM_SPLIT_ROWS)
 
 

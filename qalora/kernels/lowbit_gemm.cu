@@ -22,6 +22,11 @@
 #ifndef QLB_GEMM_SPLIT_ROWS
 #define QLB_GEMM_SPLIT_ROWS 64
 #endif
+// QLB_GEMM_WS=0/1/2 (benchmarks): every block shape copies that way (gemm_kernel's WS) instead of its own
+// (QLB_GEMM_CONFIGS); -1: its own
+#ifndef QLB_GEMM_WS
+#define QLB_GEMM_WS -1
+#endif
 
 namespace qlb {
 
@@ -135,6 +140,15 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
       "@!p bra WAIT;}" ::"r"(bar), "r"(parity) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// the block's consumer warps (all of them but the copy warps with WS) meet: named barrier 1
+template <int WG, int WS>
+__device__ __forceinline__ void consumers_sync() {
+  if constexpr (WS) asm volatile("bar.sync 1, %0;" ::"n"(128 * WG) : "memory");
+  else __syncthreads();
+}
 __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
@@ -210,7 +224,7 @@ __device__ __forceinline__ void for_each_out(const GemmArgs& a, int m0, int row0
 // 16-byte stores along out's rows. (Stored straight from the fragments, 8 lanes wrote 16 bytes per x
 // row, half of every 32-byte sector: ncu's top finding on the kernel; staged, it ran the same time,
 // round 8, and the bounds are tested once per 16-byte chunk.)
-template <typename T, int BN, int WG>
+template <typename T, int BN, int WG, int WS>
 __device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[BN / 2], char* stage, int tile0,
                                           int m0, int warp, int g, int t) {
   constexpr int WR = 64 * WG;          // weight rows of the block
@@ -244,11 +258,11 @@ __device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[
       }
     }
   }
-  __syncthreads();
+  consumers_sync<WG, WS>();
   T* out = reinterpret_cast<T*>(a.out);
   const bool vec = (a.stride_om % 8 == 0) && (reinterpret_cast<uintptr_t>(out) % 16 == 0);
   const int cpr = oc / 8;  // 16-byte chunks per x row
-  for (int i = threadIdx.x; i < BN * cpr; i += blockDim.x) {
+  for (int i = threadIdx.x; i < BN * cpr; i += WS ? 128 * WG : blockDim.x) {
     const int xr = i / cpr, n = n0 + 8 * (i % cpr), m = m0 + xr;
     if (m >= a.M || n >= nout) continue;
     const T* src = st + xr * LD + 8 * (i % cpr);
@@ -265,7 +279,7 @@ __device__ __forceinline__ void store_out(const GemmArgs& a, const float (&acc)[
 // Split K: park this block's partial sums acc in a.part[blockIdx.z]; the last of the splits of the output
 // tile to arrive (a counter per tile) then sums every split's partials in split order into acc (the same
 // bits whichever arrives last) and returns true, the others false.
-template <int BN>
+template <int BN, int WG, int WS>
 __device__ __forceinline__ bool split_reduce(const GemmArgs& a, float (&acc)[BN / 2], int tile0, int m0, int warp,
                                              int g, int t) {
   __shared__ int last;
@@ -275,13 +289,13 @@ __device__ __forceinline__ bool split_reduce(const GemmArgs& a, float (&acc)[BN 
   for_each_out<BN>(a, m0, row0, t,
                    [&](int i, int m, int row) { mine[static_cast<long long>(m) * a.N + row] = acc[i]; });
   __threadfence();  // the partials visible device-wide before the counter says so
-  __syncthreads();
+  consumers_sync<WG, WS>();
   if (threadIdx.x == 0) {
     int* cnt = a.sem + blockIdx.y * gridDim.x + blockIdx.x;
     last = atomicAdd(cnt, 1) == a.splits - 1;
     if (last) *cnt = 0;  // ready for the next launch
   }
-  __syncthreads();
+  consumers_sync<WG, WS>();
   if (!last) return false;
   __threadfence();
   for_each_out<BN>(a, m0, row0, t, [&](int i, int m, int row) {
@@ -327,8 +341,26 @@ __device__ __forceinline__ void lds_step(uint32_t src, int lane, int g, uint32_t
 // per-thread addresses and row predicates, codes loaded from global memory a k-block ahead; round 7),
 // the loop lost half its instructions and LLaMA-7B shapes at M = 2048 ran 1.10-1.38x faster (H200,
 // round 8). L2S: log2 of the spans of 32 columns per group, capped at 3 (one group per step or more).
-template <typename T, int BITS, int BN, int WG, int KBS, int NS, int CS, int L2S>
-__global__ void __launch_bounds__(128 * WG, BN <= 32 && WG == 1 ? (L2S >= 1 ? 4 : 3) : 1) gemm_kernel(const GemmArgs a) {
+// WS (warp specialization; round 18): 0: thread 0 issues every copy after each k-block's __syncthreads, once
+// every warp is done with the slot it refills. 1: one more warp (warp 4 WG) issues them, each once the consumers
+// have released its slot on the slot's "empty" mbarrier (every consumer warp arrives: after the wgmma_wait that
+// retires a k-block's x, after the lds_step that reads a step's codes); the consumers then meet at no barrier
+// in the loop. 2: the same from a whole copy warpgroup, which hands its registers to the consumers (setmaxnreg),
+// so wide blocks keep theirs (one copy warp caps every thread of a 256-row block at 168: it spills).
+template <int WG, int WS>
+constexpr int gemm_threads() { return 128 * WG + (WS == 2 ? 128 : WS ? 32 : 0); }
+// WS == 2: registers per thread at launch (ptxas: the warps of MINB blocks over the SM's 4 register files of
+// 16384), then the copy warpgroup gives all but 40 back (setmaxnreg.dec) and the consumers take them (setmaxnreg.inc)
+// (0: no reconfiguration, the launch already gives the consumers 232 or more)
+template <int WG, int MINB>
+__host__ __device__ constexpr int ws_consumer_regs() {
+  constexpr int base = 16384 / (32 * ((4 * (WG + 1) * MINB + 3) / 4)) / 8 * 8;
+  constexpr int c = (base * (WG + 1) - 40) / WG / 8 * 8;
+  return base >= 232 ? 0 : c > 232 ? 232 : c;
+}
+template <typename T, int BITS, int BN, int WG, int KBS, int NS, int CS, int WS, int L2S>
+__global__ void __launch_bounds__(gemm_threads<WG, WS>(), BN <= 32 && WG == 1 ? (L2S >= 1 && !WS ? 4 : 3) : 1)
+    gemm_kernel(const GemmArgs a) {
   constexpr int NG = L2S >= 3 ? 1 : 8 >> L2S;  // groups per step
   constexpr int SLOT = BN * KBS * 32;          // bytes of one k-block of x
   constexpr int KBPS = 16 / KBS;               // k-blocks per step
@@ -339,6 +371,7 @@ __global__ void __launch_bounds__(128 * WG, BN <= 32 && WG == 1 ? (L2S >= 1 ? 4 
   extern __shared__ __align__(1024) char smem_raw[];
   const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
   const uint32_t cring = smem + NS * SLOT, bars = cring + CS * CSLOT;  // x ring, code ring, mbarriers
+  const uint32_t empties = bars + 8 * (NS + CS);  // WS: the slots' empty mbarriers, in the same order
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * BN, tile0 = blockIdx.y * TPB;
   // split K: blockIdx.z takes steps s0 .. s0 + ns - 1 of the S (the ring's step and k-block indices count from s0)
@@ -374,10 +407,42 @@ __global__ void __launch_bounds__(128 * WG, BN <= 32 && WG == 1 ? (L2S >= 1 ? 4 
   if (leader) {
 #pragma unroll
     for (int i = 0; i < NS + CS; ++i) mbar_init(bars + 8 * i, 1);
+    if constexpr (WS) {
+#pragma unroll
+      for (int i = 0; i < NS + CS; ++i) mbar_init(empties + 8 * i, 4 * WG);
+    }
     mbar_init_fence();
   }
   __syncthreads();
-  if (leader) {
+  constexpr int MINB = BN <= 32 && WG == 1 ? 3 : 1;
+  if constexpr (WS == 2 && ws_consumer_regs<WG, MINB>() > 0) {
+    if (warp >= 4 * WG) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(ws_consumer_regs<WG, MINB>()));
+  }
+  if constexpr (WS) {
+    if (warp >= 4 * WG) {  // the copy warp(s): lane 0 of the first issues every load, in the shipped order
+      if (warp == 4 * WG && lane == 0) {
+        for (int i = 0; i < NS - 1 && i < nkb; ++i) load_x(i);
+        for (int i = 0; i < CS && i < ns; ++i) load_codes(i);
+        for (int kb = 0; kb < nkb; ++kb) {
+          const int s = kb / KBPS, kbl = kb % KBPS;
+          if (kb + NS - 1 < nkb) {  // into k-block kb - 1's slot (slot NS - 1 is still unused at kb = 0)
+            if (kb >= 1) mbar_wait(empties + 8 * ((kb - 1) % NS), ((kb - 1) / NS) & 1);
+            load_x(kb + NS - 1);
+          }
+          if (kb == 0 && CS < ns) {  // into step 0's slot
+            mbar_wait(empties + 8 * NS, 0);
+            load_codes(CS);
+          }
+          if (kbl + 2 == KBPS && s + 1 + CS < ns) {  // into step s + 1's slot
+            mbar_wait(empties + 8 * (NS + (s + 1) % CS), ((s + 1) / CS) & 1);
+            load_codes(s + 1 + CS);
+          }
+        }
+      }
+      return;  // every load it issued is waited on by the consumers before they finish
+    }
+  } else if (leader) {
     for (int i = 0; i < NS - 1 && i < nkb; ++i) load_x(i);
     for (int i = 0; i < CS && i < ns; ++i) load_codes(i);
   }
@@ -389,8 +454,16 @@ __global__ void __launch_bounds__(128 * WG, BN <= 32 && WG == 1 ? (L2S >= 1 ? 4 
   uint32_t w[4 * BITS];
   float4 cf[NG];
   uint32_t av[2][KBS][4];
+  // (WS) the warp's lanes have read a code slot: lane 0 releases it
+  auto release_codes = [&](int c) {
+    if constexpr (WS) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empties + 8 * (NS + c));
+    }
+  };
   mbar_wait(bars + 8 * NS, 0);
   lds_step<BITS, NG>(cring + warp * TSLOT, lane, g, w, cf);
+  release_codes(0);
   dequant_block<T, BITS, KBS, L2S>(w, cf, 0, av[0]);
 
   for (int s = 0; s < ns; ++s) {
@@ -401,33 +474,37 @@ __global__ void __launch_bounds__(128 * WG, BN <= 32 && WG == 1 ? (L2S >= 1 ? 4 
       issue_kblock<T, BN, KBS>(acc, av[kbl & 1], smem + (kb % NS) * SLOT);
       if (kbl + 1 < KBPS || s + 1 < ns) {
         wgmma_wait<1>();
+        if (WS && kb >= 1 && lane == 0) mbar_arrive(empties + 8 * ((kb - 1) % NS));  // k-block kb - 1 retired
         dequant_block<T, BITS, KBS, L2S>(w, cf, ((kbl + 1) % KBPS) * KBS, av[(kbl + 1) & 1]);
         if (kbl + 2 == KBPS && s + 1 < ns) {  // the step's last k-block decoded: the next step's codes
           const int c = (s + 1) % CS;
           mbar_wait(bars + 8 * (NS + c), ((s + 1) / CS) & 1);
           lds_step<BITS, NG>(cring + c * CSLOT + warp * TSLOT, lane, g, w, cf);
+          release_codes(c);
         }
       }
-      // every warpgroup is past k-block kb - 1's wgmmas (its slot takes k-block kb + NS - 1) and, at the
-      // step's k-block KBPS - 2, past reading step s + 1's codes (their slot takes step s + 1 + CS). (Per-slot
-      // "empty" mbarriers instead, each warp releasing a slot and only the copying thread waiting: the same
-      // time in one run, 5-12% slower than this across runs; round 8.)
-      __syncthreads();
-      if (leader) {
-        if (kb + NS - 1 < nkb) load_x(kb + NS - 1);
-        if (kb == 0 && CS < ns) load_codes(CS);  // step 0's slot, read before the loop
-        if (kbl + 2 == KBPS && s + 1 + CS < ns) load_codes(s + 1 + CS);
+      if constexpr (!WS) {
+        // every warpgroup is past k-block kb - 1's wgmmas (its slot takes k-block kb + NS - 1) and, at the
+        // step's k-block KBPS - 2, past reading step s + 1's codes (their slot takes step s + 1 + CS). (Per-slot
+        // "empty" mbarriers instead, each warp releasing a slot and only the copying thread waiting: the same
+        // time in one run, 5-12% slower than this across runs; round 8.)
+        __syncthreads();
+        if (leader) {
+          if (kb + NS - 1 < nkb) load_x(kb + NS - 1);
+          if (kb == 0 && CS < ns) load_codes(CS);  // step 0's slot, read before the loop
+          if (kbl + 2 == KBPS && s + 1 + CS < ns) load_codes(s + 1 + CS);
+        }
       }
     }
   }
   wgmma_wait<0>();
   acc_fence(acc);
   if constexpr (SPLIT) {
-    if (a.splits > 1 && !split_reduce<BN>(a, acc, tile0, m0, warp, g, t)) return;
+    if (a.splits > 1 && !split_reduce<BN, WG, WS>(a, acc, tile0, m0, warp, g, t)) return;
   }
   static_assert(BN * (64 * WG + 8) * sizeof(T) <= NS * SLOT + CS * CSLOT, "the output tile must fit the rings");
-  __syncthreads();  // every warpgroup's wgmmas are done: the rings take the output tile
-  store_out<T, BN, WG>(a, acc, smem_raw + (smem - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw))), tile0,
+  consumers_sync<WG, WS>();  // every warpgroup's wgmmas are done: the rings take the output tile
+  store_out<T, BN, WG, WS>(a, acc, smem_raw + (smem - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw))), tile0,
                        m0, warp, g, t);
 }
 
@@ -466,55 +543,67 @@ namespace {
 
 // Block shapes the launcher can take, by index (benchmarks/gemm_ab.py sweeps them):
 //   X(index, BN x rows, WG warpgroups (64 weight rows each), KBS slabs per k-block, NS x ring slots,
-//     CS code ring slots (steps))
+//     CS code ring slots (steps), WS copy warps (gemm_kernel))
+// WS: the fastest of 0 / 1 / 2 per block shape on an H100 (RESULTS round 18, LLaMA-7B shapes, 4 bit g128, µs,
+// WS 0 -> this one): 32 rows, M = 32: qkv 31.6 -> 26.3, o 28.4 -> 22.6, down 47.8 -> 39.0 (2 splits); 64 rows
+// one warpgroup, M = 32: qkv 34.4 -> 31.9, gate_up 64.6 -> 51.3; 128 rows, M = 512: o 44.5 -> 40.7, down 111.4 ->
+// 100.3; 64 rows two warpgroups, M = 256: o 39.2 -> 35.9, down 96.6 -> 87.0. At 256 rows both lose 6-20%.
 #ifndef QLB_GEMM_CONFIGS
 #define QLB_GEMM_CONFIGS(X) \
-  X(0, 256, 2, 4, 4, 2)     \
-  X(1, 128, 2, 8, 4, 2)     \
-  X(2, 256, 2, 4, 3, 2)     \
-  X(3, 64, 2, 8, 4, 2)      \
-  X(4, 32, 1, 8, 4, 4)      \
-  X(5, 64, 1, 8, 4, 4)
+  X(0, 256, 2, 4, 4, 2, 0)  \
+  X(1, 128, 2, 8, 4, 2, 1)  \
+  X(2, 256, 2, 4, 3, 2, 0)  \
+  X(3, 64, 2, 8, 4, 2, 1)   \
+  X(4, 32, 1, 8, 4, 4, 2)   \
+  X(5, 64, 1, 8, 4, 4, 1)
 #endif
 
-template <typename T, int BN, int WG, int KBS, int NS, int CS>
-bool launch_gemm_cfg(const qlb::GemmArgs& a, char* err) {
+template <typename T, int BN, int WG, int KBS, int NS, int CS, int WS, int L2S>
+bool launch_gemm_kernel(const qlb::GemmArgs& a, char* err) {
   constexpr int BITS = QLB_TU_BITS;
-  const int ng = a.log2_spg >= 3 ? 1 : 8 >> a.log2_spg;  // groups per step
-  const int smem = NS * BN * KBS * 32 + 1024          // x ring + alignment of the swizzle atoms
+  constexpr int ng = L2S >= 3 ? 1 : 8 >> L2S;  // groups per step
+  const int smem = NS * BN * KBS * 32 + 1024           // x ring + alignment of the swizzle atoms
                    + CS * 4 * WG * (BITS * 512 + ng * 128)  // code ring
-                   + (NS + CS) * 8;                         // mbarriers
-  const dim3 grid((a.M + BN - 1) / BN, (a.ntiles + 4 * WG - 1) / (4 * WG), a.splits), block(128 * WG);
+                   + (NS + CS) * (WS ? 16 : 8);              // mbarriers (full, and empty with WS)
+  const dim3 grid((a.M + BN - 1) / BN, (a.ntiles + 4 * WG - 1) / (4 * WG), a.splits);
+  const dim3 block(qlb::gemm_threads<WG, WS>());
   QLB_CHECK(err, grid.y <= 65535, "gemm: too many weight rows for one launch");
   QLB_CHECK(err, a.splits == 1 || BN <= QLB_GEMM_SPLIT_ROWS,
             "gemm: split K is built for blocks of up to %d x rows, not %d", QLB_GEMM_SPLIT_ROWS, BN);
   QLB_CHECK(err, a.splits == 1 || static_cast<long long>(grid.x) * grid.y <= a.nsem,
             "gemm: split K needs %lld counters, sem has %lld", static_cast<long long>(grid.x) * grid.y,
             static_cast<long long>(a.nsem));
-  auto go = [&](auto kern) {
-    int dyn_max = 0;
-    if (!smem_optin(reinterpret_cast<const void*>(kern), dyn_max, err)) return false;
-    QLB_CHECK(err, smem <= dyn_max, "gemm needs %d bytes of shared memory, the device allows %d", smem, dyn_max);
-    kern<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(a);
-    return true;
-  };
+  const auto kern = qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, WS, L2S>;
+  int dyn_max = 0;
+  if (!smem_optin(reinterpret_cast<const void*>(kern), dyn_max, err)) return false;
+  QLB_CHECK(err, smem <= dyn_max, "gemm needs %d bytes of shared memory, the device allows %d", smem, dyn_max);
+  kern<<<grid, block, smem, at::cuda::getCurrentCUDAStream()>>>(a);
+  return true;
+}
+
+// The block shape's own copy form WS_OWN at groups of 128 columns or more (L2S >= 2), where it was measured;
+// groups of 32 and 64 copy from thread 0 (WS = 0): with a copy warp(group) two shapes spill there (ptxas: 32 x
+// rows at groups of 32, 192 bytes; 128 x rows at 32 and 64, 172 and 12 bytes).
+template <typename T, int BN, int WG, int KBS, int NS, int CS, int WS_OWN>
+bool launch_gemm_cfg(const qlb::GemmArgs& a, char* err) {
+  constexpr int WS = QLB_GEMM_WS >= 0 ? QLB_GEMM_WS : WS_OWN, WS_SMALL = QLB_GEMM_WS >= 0 ? QLB_GEMM_WS : 0;
 #ifdef QLB_GEMM_L2S_ONLY  // benchmarks sweeping many block shapes: one group size, a quicker build
   QLB_CHECK(err, std::min(a.log2_spg, 3) == QLB_GEMM_L2S_ONLY, "gemm: built for log2_spg %d only", QLB_GEMM_L2S_ONLY);
-  return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, QLB_GEMM_L2S_ONLY>);
+  return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, QLB_GEMM_L2S_ONLY >= 2 ? WS : WS_SMALL, QLB_GEMM_L2S_ONLY>(a, err);
 #else
   switch (std::min(a.log2_spg, 3)) {
-    case 0: return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 0>);
-    case 1: return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 1>);
-    case 2: return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 2>);
-    default: return go(qlb::gemm_kernel<T, BITS, BN, WG, KBS, NS, CS, 3>);
+    case 0: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, WS_SMALL, 0>(a, err);
+    case 1: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, WS_SMALL, 1>(a, err);
+    case 2: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, WS, 2>(a, err);
+    default: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, WS, 3>(a, err);
   }
 #endif
 }
 
 bool launch_gemm(const qlb::GemmArgs& a, int cfg, char* err) {
   switch (cfg) {
-#define QLB_GEMM_CASE(I, BN, WG, KBS, NS, CS) \
-  case I: return launch_gemm_cfg<QLB_TU_GEMM, BN, WG, KBS, NS, CS>(a, err);
+#define QLB_GEMM_CASE(I, BN, WG, KBS, NS, CS, WS) \
+  case I: return launch_gemm_cfg<QLB_TU_GEMM, BN, WG, KBS, NS, CS, WS>(a, err);
     QLB_GEMM_CONFIGS(QLB_GEMM_CASE)
 #undef QLB_GEMM_CASE
     default: return fail(err, "gemm: no block shape %d", cfg);

@@ -110,6 +110,22 @@ def test_kernels_import_without_triton_side_effects():
     assert "qalora.kernels.gpu_matmul" not in sys.modules or torch.cuda.is_available()
 
 
+def test_gemm_block_shapes_match_the_cuda_table():
+    """gpu_matmul.GEMM_CONFIGS (what the planner and the tests index) is lowbit_gemm.cu's QLB_GEMM_CONFIGS: the same
+    block shapes, copy forms (WS) included, under the same indices."""
+    import re
+
+    from qalora.kernels import cuda_ext, gpu_matmul
+
+    text = cuda_ext.GEMM_SOURCE.read_text()
+    table = text[text.index("#define QLB_GEMM_CONFIGS(X)"):]
+    table = table[:table.index("#endif")]
+    rows = {int(r[0]): tuple(int(v) for v in r[1:])
+            for r in (re.split(r",\s*", m) for m in re.findall(r"X\(([\d,\s]+)\)", table))}
+    assert rows == gpu_matmul.GEMM_CONFIGS
+    assert all(ws in (0, 1, 2) for *_, ws in rows.values())
+
+
 def test_x_slab_order_moves_each_column_where_the_wgmma_gemm_reads_it():
     """Column 32 sp + 8 t + 4 f + 2 h + j of x lands at 32 sp + 16 f + 8 h + 2 t + j (the wgmma GEMM's
     k slot of that column in slab (sp, f)); columns past K up to whole 256-column steps are zeros."""
