@@ -65,23 +65,25 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return r;
 }
 
-// The L2 policy of the GEMV's weight copies (a createpolicy handle). The codes and coefficients are read once
-// per decode step: evicting them first keeps x, the KV cache and the partial sums in L2. It gained 2.3-2.7% in
-// decode at batch 8 and 16 (INT4 and INT2), 1.5% at batch 2, nothing at INT4 batch 1 and cost 1-3% at INT2 batch
-// 1 (H100, RESULTS round 18); below QLB_EVICT_FIRST_MIN_M rows the copies keep the default policy.
-#ifndef QLB_EVICT_FIRST_MIN_M
-#define QLB_EVICT_FIRST_MIN_M 2
-#endif
-__device__ __forceinline__ uint64_t weight_l2_policy(bool evict_first) {
-  uint64_t first, unchanged;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(first));
-  asm("createpolicy.fractional.L2::evict_unchanged.b64 %0, 1.0;" : "=l"(unchanged));
-  return evict_first ? first : unchanged;
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
 }
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, uint64_t l2_policy) {
+// An L2 "evict first" policy (a createpolicy handle) for cp_async16_hint: for data read once
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ void cp_async16_hint(void* smem, const void* gmem, uint64_t l2_policy) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(a), "l"(gmem), "l"(l2_policy)
                : "memory");
+}
+template <bool EVICT>
+__device__ __forceinline__ void copy16(void* smem, const void* gmem, uint64_t l2_policy) {
+  if constexpr (EVICT) cp_async16_hint(smem, gmem, l2_policy);
+  else cp_async16(smem, gmem);
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // wait until at most N of this thread's cp.async groups are pending (N is 0..3)
@@ -150,7 +152,6 @@ struct GemvArgs {
   int nst;               // ring slots per warp
   int ring_off;          // uint4s of dynamic shared memory before the rings (the staged x)
   int ntiles;
-  int evict_first;       // the weight copies' L2 policy: weight_l2_policy
 };
 
 // The norm's input written by one GEMV for the next (gpu_matmul.NextNorm): a kernel argument of its own, since
@@ -179,8 +180,9 @@ __device__ __forceinline__ int slot_u4(int ng) { return R * (BITS * 32 + ng * 8)
 
 // Queue one step's copies into slot d: lane L's code chunks of the R tiles (wsrc[r]: tile r's codes
 // at this lane, step 0) and the tiles' coefficients for the step's groups (first lanes; tiles past
-// the last re-read the last one, rmax = the last tile's index within the R).
-template <int BITS, int R, int GS>
+// the last re-read the last one, rmax = the last tile's index within the R). EVICT: the copies with the L2 policy
+// pol (evict_first_policy), else with the default one.
+template <int BITS, int R, int GS, bool EVICT>
 __device__ __forceinline__ void issue_step(const GemvArgs& a, uint4* d, const uint4* const (&wsrc)[R],
                                            const float4* csrc, int rmax, int st, int lane, uint64_t pol) {
   const int l2 = spg_log2<GS>(a);
@@ -189,11 +191,11 @@ __device__ __forceinline__ void issue_step(const GemvArgs& a, uint4* d, const ui
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
-    for (int j = 0; j < BITS; ++j) cp_async16(d + (r * BITS + j) * 32 + lane, wsrc[r] + (st * BITS + j) * 32, pol);
+    for (int j = 0; j < BITS; ++j) copy16<EVICT>(d + (r * BITS + j) * 32 + lane, wsrc[r] + (st * BITS + j) * 32, pol);
   }
   const int gb8 = ((st * 8) >> l2) * 8;
   for (int i = lane; i < (R << log2_cpt); i += 32)
-    cp_async16(d + R * BITS * 32 + i, csrc + min(i >> log2_cpt, rmax) * a.Lp * 8 + gb8 + (i & cpt_mask), pol);
+    copy16<EVICT>(d + R * BITS * 32 + i, csrc + min(i >> log2_cpt, rmax) * a.Lp * 8 + gb8 + (i & cpt_mask), pol);
 }
 
 // Row stride of the staged x (SX), in elements: K rounded up to whole 256-column steps, zeros past K
@@ -538,13 +540,17 @@ __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R >
   for (int r = 0; r < R; ++r) wsrc[r] = a.tiles + (size_t)min(tile0 + r, a.ntiles - 1) * a.S * BITS * 32 + lane;
   const float4* csrc = a.coef + (size_t)tile0 * a.Lp * 8;
   const int rmax = a.ntiles - 1 - tile0;  // tiles after tile0
-  const uint64_t pol = weight_l2_policy(a.evict_first);
+  // Unstaged x (batches of 3 or more at K = 4096): the weight copies evict first from L2, since they are read
+  // once per decode step, so x, the KV cache and the partial sums stay. That gained 2.1-3.9% in decode at batch
+  // 8-32, INT4 and INT2; with x staged (batch 1-2) the hinted copies lost 1-2% at batch 1 (H200, RESULTS round 19).
+  constexpr bool EVICT = !SX;
+  const uint64_t pol = EVICT ? evict_first_policy() : 0;
   // The next kernel may be scheduled once all of this grid's blocks are resident: its blocks then
   // issue their first weight loads while this one finishes. Up to pdl_wait a block reads only
   // weights, which no kernel writes; x and out belong to the kernels before it.
   pdl_trigger();
   for (int i = 0; i < nst - 1; ++i) {
-    if (s0 + i < s1) issue_step<BITS, R, GS>(a, ring + i * su4, wsrc, csrc, rmax, s0 + i, lane, pol);
+    if (s0 + i < s1) issue_step<BITS, R, GS, EVICT>(a, ring + i * su4, wsrc, csrc, rmax, s0 + i, lane, pol);
     cp_commit();
   }
   pdl_wait();
@@ -567,7 +573,7 @@ __global__ void __launch_bounds__(256, SX ? (BITS == 3 ? 2 : 3) : (NT > 1 && R >
   uint4* fill = ring + (nst - 1) * su4;   // refilled this step: the one read last step
   for (int s = s0; s < s1; ++s) {
     __syncwarp();  // every lane is done with the slot read last step
-    if (s + nst - 1 < s1) issue_step<BITS, R, GS>(a, fill, wsrc, csrc, rmax, s + nst - 1, lane, pol);
+    if (s + nst - 1 < s1) issue_step<BITS, R, GS, EVICT>(a, fill, wsrc, csrc, rmax, s + nst - 1, lane, pol);
     cp_commit();
     cp_wait_pending(nst - 1);  // this step's group has landed
     __syncwarp();              // ... for every lane's copies
@@ -835,7 +841,6 @@ bool launch_gemv(const torch::Tensor& x, const torch::Tensor& nw, const torch::T
   a.M = M; a.N = N; a.K = K; a.S = S; a.Lp = Lp; a.log2_spg = log2_spg;
   a.stride_xm = x.stride(0); a.stride_om = out.stride(0);
   a.epi = epi; a.eps = (float)eps; a.ntiles = T_;
-  a.evict_first = M >= QLB_EVICT_FIRST_MIN_M;
   a.ring_off = sx ? x_bytes / 16 : 0;
   qlb::NormIO io;
   io.ss_in = pre ? static_cast<const float*>(ss_in.data_ptr()) : nullptr;
