@@ -358,8 +358,11 @@ __host__ __device__ constexpr int ws_consumer_regs() {
   constexpr int c = (base * (WG + 1) - 40) / WG / 8 * 8;
   return base >= 232 ? 0 : c > 232 ? 232 : c;
 }
+// blocks per SM the kernel is compiled for (__launch_bounds__' minimum)
+template <int BN, int WG, int WS, int L2S>
+__host__ __device__ constexpr int gemm_min_blocks() { return BN <= 32 && WG == 1 ? (L2S >= 1 && !WS ? 4 : 3) : 1; }
 template <typename T, int BITS, int BN, int WG, int KBS, int NS, int CS, int WS, int L2S>
-__global__ void __launch_bounds__(gemm_threads<WG, WS>(), BN <= 32 && WG == 1 ? (L2S >= 1 && !WS ? 4 : 3) : 1)
+__global__ void __launch_bounds__(gemm_threads<WG, WS>(), gemm_min_blocks<BN, WG, WS, L2S>())
     gemm_kernel(const GemmArgs a) {
   constexpr int NG = L2S >= 3 ? 1 : 8 >> L2S;  // groups per step
   constexpr int SLOT = BN * KBS * 32;          // bytes of one k-block of x
@@ -414,7 +417,7 @@ __global__ void __launch_bounds__(gemm_threads<WG, WS>(), BN <= 32 && WG == 1 ? 
     mbar_init_fence();
   }
   __syncthreads();
-  constexpr int MINB = BN <= 32 && WG == 1 ? 3 : 1;
+  constexpr int MINB = gemm_min_blocks<BN, WG, WS, L2S>();
   if constexpr (WS == 2 && ws_consumer_regs<WG, MINB>() > 0) {
     if (warp >= 4 * WG) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     else asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(ws_consumer_regs<WG, MINB>()));
@@ -581,21 +584,23 @@ bool launch_gemm_kernel(const qlb::GemmArgs& a, char* err) {
   return true;
 }
 
-// The block shape's own copy form WS_OWN at groups of 128 columns or more (L2S >= 2), where it was measured;
-// groups of 32 and 64 copy from thread 0 (WS = 0): with a copy warp(group) two shapes spill there (ptxas: 32 x
-// rows at groups of 32, 192 bytes; 128 x rows at 32 and 64, 172 and 12 bytes).
+// The copy form of a block shape whose own is WS_OWN, at log2 spans per group L2S: its own at groups of 128
+// columns or more (L2S >= 2), where it was measured; groups of 32 and 64 copy from thread 0 (WS = 0), since with
+// a copy warp(group) two shapes spill there (ptxas: 32 x rows at groups of 32, 192 bytes; 128 x rows at 32 and 64,
+// 172 and 12 bytes). QLB_GEMM_WS >= 0 overrides both.
+constexpr int copy_form(int ws_own, int l2s) { return QLB_GEMM_WS >= 0 ? QLB_GEMM_WS : l2s >= 2 ? ws_own : 0; }
+
 template <typename T, int BN, int WG, int KBS, int NS, int CS, int WS_OWN>
 bool launch_gemm_cfg(const qlb::GemmArgs& a, char* err) {
-  constexpr int WS = QLB_GEMM_WS >= 0 ? QLB_GEMM_WS : WS_OWN, WS_SMALL = QLB_GEMM_WS >= 0 ? QLB_GEMM_WS : 0;
 #ifdef QLB_GEMM_L2S_ONLY  // benchmarks sweeping many block shapes: one group size, a quicker build
   QLB_CHECK(err, std::min(a.log2_spg, 3) == QLB_GEMM_L2S_ONLY, "gemm: built for log2_spg %d only", QLB_GEMM_L2S_ONLY);
-  return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, QLB_GEMM_L2S_ONLY >= 2 ? WS : WS_SMALL, QLB_GEMM_L2S_ONLY>(a, err);
+  return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, copy_form(WS_OWN, QLB_GEMM_L2S_ONLY), QLB_GEMM_L2S_ONLY>(a, err);
 #else
   switch (std::min(a.log2_spg, 3)) {
-    case 0: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, WS_SMALL, 0>(a, err);
-    case 1: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, WS_SMALL, 1>(a, err);
-    case 2: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, WS, 2>(a, err);
-    default: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, WS, 3>(a, err);
+    case 0: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, copy_form(WS_OWN, 0), 0>(a, err);
+    case 1: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, copy_form(WS_OWN, 1), 1>(a, err);
+    case 2: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, copy_form(WS_OWN, 2), 2>(a, err);
+    default: return launch_gemm_kernel<T, BN, WG, KBS, NS, CS, copy_form(WS_OWN, 3), 3>(a, err);
   }
 #endif
 }
