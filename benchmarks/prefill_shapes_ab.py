@@ -10,8 +10,9 @@ ms per ``[VARIANT.]PLAN@TOKENS`` in the JSON.
 A plan routes weights to the wgmma GEMM: ``;``-separated plans, each ``auto`` or ``,``-separated ``SHAPE`` (the
 shape's ``gemm_config``, no split) or ``SHAPE=CFG/SPLITS`` (block shape ``gpu_matmul.GEMM_CONFIGS[CFG]``, K in
 SPLITS ranges); SHAPE one of qkv, o, gate_up, down. ``auto`` is ``gpu_matmul.large_m_path``'s choice: the wgmma GEMM
-on gate_up, dequantize + cuBLAS elsewhere. The default plans: ``auto``, the wgmma GEMM also on qkv, o, down, or
-all three, then ``auto`` and ``qkv`` again at the end for the run-to-run spread. ``--variant`` as in
+on gate_up, and on every weight up to ``wgmma_auto_max_m`` tokens on the GPUs where that was measured faster (H100:
+1024); dequantize + cuBLAS elsewhere (``--variant old=shipped:@WGMMA_AUTO_MAX_M=0``: gate_up only, on any GPU). The default plans: ``auto``, the wgmma GEMM also on qkv,
+o, down, or all three, then ``auto`` and ``qkv`` again at the end for the run-to-run spread. ``--variant`` as in
 ``gemm_ab.py`` (kernel builds side by side; without it, the shipped kernels): every plan runs on every variant.
 A plan a variant cannot run (K split at a block shape wider than its ``SPLIT_MAX_ROWS``) is recorded as null.
 """
@@ -64,10 +65,10 @@ def main() -> None:
     shipped_path, shipped_gemm = gpu_matmul.large_m_path, gpu_matmul.wgmma_gemm
     chosen: dict[tuple[int, int], tuple[int | None, int]] = {}
 
-    def path(pw, prefer="auto", dtype=None):  # matmul looks large_m_path and wgmma_gemm up at every call
+    def path(pw, prefer="auto", dtype=None, m=None):  # matmul looks large_m_path and wgmma_gemm up at every call
         if prefer == "auto" and (pw.out_features, pw.in_features) in chosen:
             return "wgmma"
-        return shipped_path(pw, prefer, dtype)
+        return shipped_path(pw, prefer, dtype, m)
 
     def gemm(x, pw, cfg=None, **kw):
         if cfg is None and "splits" not in kw:

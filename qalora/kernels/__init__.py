@@ -7,8 +7,9 @@ Backends (chosen per layer by :func:`select_backend`, or forced):
   ``gpu_matmul.SKINNY_MAX_M`` (32) run the skinny tensor-core kernel (``lowbit_cuda.cu``), on Hopper
   the wgmma dequant-GEMM from 17 rows on weights of many tiles (``gpu_matmul.decode_gemm_plan``); larger M
   (``gpu_matmul.large_m_path``) runs the wgmma dequant-GEMM (``lowbit_gemm.cu``, Hopper) for GLU
-  weights and dequantizes with one kernel then runs cuBLAS for the others (measured faster each; a
-  fused Triton dequant-GEMM, ``lowbit_gemm_triton``, is opt-in).
+  weights and, on the GPUs where it measured faster, for every weight up to ``gpu_matmul.wgmma_auto_max_m``
+  rows (H100: 1024); the others are dequantized with one kernel, then cuBLAS (measured faster each; a fused
+  Triton dequant-GEMM, ``lowbit_gemm_triton``, is opt-in).
 - ``"int4pack"`` (CPU, 4 bit): bf16/fp16 activations run torch's ``_weight_int4pack_mm_for_cpu`` in
   their dtype (scale/zero rounded to it: :func:`~qalora.kernels.cpu.int4_error_bound`); fp32
   activations run an fp32 matmul on the weight dequantized once (exact; torch's fp32 int4pack

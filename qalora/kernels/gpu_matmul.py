@@ -384,13 +384,35 @@ def wgmma_gemm(x: torch.Tensor, pw: PreparedWeight, cfg: int | None = None, *, o
     return out
 
 
-# The large-M path ``auto`` takes (H200, LLaMA-7B shapes, benchmarks/gemm_ab.py and decode_ab.py, RESULTS
-# round 8): dequantize + cuBLAS, except for GLU weights, where the wgmma GEMM (silu(gate) * up in its
-# epilogue) takes 0.62-0.72x the time of dequantize + cuBLAS + the activation (gate_up, M = 256-2048). On
-# qkv it takes 0.74-1.20x dequantize + cuBLAS's time (M = 256-2048, two runs), on o and down 1.0-1.3x;
-# prefill of 2048 tokens: 59.60 ms this way, 61.00 with the wgmma GEMM on every layer.
+# The large-M path ``auto`` takes: the wgmma GEMM on GLU weights at any M (silu(gate) * up in its epilogue) and,
+# on the GPUs where it was measured faster, on every weight up to some rows (wgmma_auto_max_m); dequantize +
+# cuBLAS on the others. GLU (H200, LLaMA-7B shapes, RESULTS round 8): 0.62-0.72x the time of dequantize +
+# cuBLAS + the activation at M = 256-2048. Every weight (H100, RESULTS round 20, since round 19's copy warp at
+# 64-128 x rows; prefill ms, two runs in one process, dequantize + cuBLAS on qkv, o and down -> the wgmma GEMM
+# there): 512 tokens 18.97 / 19.04 -> 18.42 / 18.46, 1024 tokens 32.11 / 32.33 -> 31.38 / 31.31, but 1536
+# tokens 45.01 / 45.52 -> 48.96 / 48.77 and 2048 60.46 / 60.89 -> 62.31 / 62.28. Not on the H200 until measured
+# there: it has 1.4x the H100's bandwidth for the same tensor cores, which speeds dequantize + cuBLAS (the
+# weight written and read back) and not the GEMM, and round 11 (H200, before the copy warp) measured the GEMM
+# on qkv / o / down 0.8-4.2% slower at 512 tokens.
 LARGE_M_AUTO = "dequant"
 GLU_AUTO = "wgmma"
+WGMMA_AUTO_MAX_M_BY_GPU = {"H100": 1024}  # a substring of the GPU's name -> rows
+WGMMA_AUTO_MAX_M: int | None = None  # set: these rows on every GPU (benchmarks' A/B knob)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def wgmma_auto_max_m(device: torch.device) -> int:
+    """The rows up to which ``auto`` runs the wgmma GEMM on every weight on ``device``: ``WGMMA_AUTO_MAX_M``
+    where set, else this GPU's measured figure (``WGMMA_AUTO_MAX_M_BY_GPU``), else 0 (GLU weights only)."""
+    if WGMMA_AUTO_MAX_M is not None:
+        return WGMMA_AUTO_MAX_M
+    if device.type != "cuda":
+        return 0
+    return next((rows for key, rows in WGMMA_AUTO_MAX_M_BY_GPU.items() if key in _gpu_name(device)), 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -421,16 +443,19 @@ def _path_fits(pw: PreparedWeight, path: str, dtype: torch.dtype | None) -> tupl
     return fits, "2/4-bit weights with groups of whole chunks (and triton)"
 
 
-def large_m_path(pw: PreparedWeight, prefer: str = "auto", dtype: torch.dtype | None = None) -> str:
+def large_m_path(pw: PreparedWeight, prefer: str = "auto", dtype: torch.dtype | None = None,
+                 m: int | None = None) -> str:
     """The large-M path: ``dequant`` (dequantize with one kernel, then cuBLAS), ``wgmma`` (the CUDA
     dequant-GEMM, :func:`wgmma_gemm`: Hopper, any kernel layout) or ``fused`` (the Triton dequant-GEMM,
     :mod:`qalora.kernels.lowbit_gemm_triton`: 2/4-bit, groups of whole chunks, needs triton).
-    ``auto``: ``GLU_AUTO`` for GLU weights, else ``LARGE_M_AUTO`` (the measured fastest), where the weight,
-    the device and the activations' ``dtype`` (when given) allow it, else ``dequant``."""
+    ``auto``: ``GLU_AUTO`` for GLU weights and for ``m`` (x's rows, when given) up to
+    :func:`wgmma_auto_max_m`, else ``LARGE_M_AUTO`` (the measured fastest), where the weight, the device and
+    the activations' ``dtype`` (when given) allow it, else ``dequant``."""
     if prefer not in ("auto", "fused", "dequant", "wgmma"):
         raise ValueError(f"large-M path must be auto, wgmma, fused or dequant, not {prefer!r}")
     if prefer == "auto":
-        wants = (GLU_AUTO, LARGE_M_AUTO) if pw.glu else (LARGE_M_AUTO,)
+        few_rows = m is not None and pw.tiles is not None and m <= wgmma_auto_max_m(pw.tiles.device)
+        wants = (GLU_AUTO, LARGE_M_AUTO) if pw.glu or few_rows else (LARGE_M_AUTO,)
         return next((w for w in wants if _path_fits(pw, w, dtype)[0]), "dequant")
     fits, why = _path_fits(pw, prefer, dtype)
     if fits:
@@ -454,7 +479,7 @@ def matmul(x: torch.Tensor, pw: PreparedWeight, large_m: str = "auto") -> torch.
     the large-M path :func:`large_m_path` picks."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    path = "skinny" if x2.shape[0] <= SKINNY_MAX_M else large_m_path(pw, large_m, x2.dtype)
+    path = "skinny" if x2.shape[0] <= SKINNY_MAX_M else large_m_path(pw, large_m, x2.dtype, x2.shape[0])
     if path == "skinny":
         y = gemv(x2, pw)
     elif path == "wgmma":

@@ -158,15 +158,24 @@ def test_x_image_puts_each_row_where_the_bulk_copy_lands_it():
                 assert torch.equal(got, want), (a, r, c)
 
 
-def test_large_m_path_names_why_wgmma_cannot_run_here():
-    """The wgmma GEMM is Hopper code: off a Hopper GPU ``auto`` keeps dequantize + matmul and asking for
-    it says what it needs."""
+def test_large_m_path_names_why_wgmma_cannot_run_here(monkeypatch):
+    """The wgmma GEMM is Hopper code: off a Hopper GPU ``auto`` keeps dequantize + matmul (also for few rows,
+    where a Hopper GPU may take the GEMM) and asking for it says what it needs."""
     from lowbit_ref import random_prepared
 
     from qalora.kernels import gpu_matmul
 
     pw = random_prepared(64, 512, 4, 128, seed=0, device="cpu")
+    assert gpu_matmul.wgmma_auto_max_m(torch.device("cpu")) == 0
     assert gpu_matmul.large_m_path(pw) == "dequant"
+    # by GPU where measured (H100), GLU weights only on GPUs not measured (the H200 among them)
+    cuda = torch.device("cuda", 0)
+    for name, rows in (("NVIDIA H100 80GB HBM3", 1024), ("NVIDIA H200", 0), ("NVIDIA A100-SXM4-80GB", 0)):
+        monkeypatch.setattr(gpu_matmul, "_gpu_name", lambda device, name=name: name)
+        assert gpu_matmul.wgmma_auto_max_m(cuda) == rows, name
+    monkeypatch.setattr(gpu_matmul, "WGMMA_AUTO_MAX_M", 4096)
+    assert gpu_matmul.wgmma_auto_max_m(torch.device("cpu")) == 4096
+    assert gpu_matmul.large_m_path(pw, m=512) == "dequant"
     with pytest.raises(ValueError, match="Hopper"):
         gpu_matmul.large_m_path(pw, "wgmma")
     with pytest.raises(ValueError, match="auto, wgmma, fused or dequant"):

@@ -193,7 +193,7 @@ def _hopper() -> bool:
 @pytest.mark.skipif(not _hopper(), reason="the wgmma GEMM needs a Hopper GPU")
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_wgmma_gemm(bits, dtype):
+def test_wgmma_gemm(bits, dtype, monkeypatch):
     """Every block shape of the wgmma dequant-GEMM: partial blocks of x rows and of weight tiles (N = 200),
     K not a whole step (1408), groups of 32/128/256, bias, the GLU epilogue; against the float64 reference,
     no less accurate than dequantize + cuBLAS, and bit-equal on repeat and in a CUDA graph replay."""
@@ -214,9 +214,17 @@ def test_wgmma_gemm(bits, dtype):
             assert rel_err(y, ref) <= 1.5 * rel_err(dq, ref) + 1e-4, cfg
             assert torch.equal(y, gpu_matmul.wgmma_gemm(x, pw, cfg))
         assert torch.equal(gpu_matmul.matmul(x, pw, large_m="wgmma"), gpu_matmul.wgmma_gemm(x, pw))
-        # auto: the wgmma GEMM for GLU weights with 16-bit activations, dequantize + cuBLAS otherwise
+        # auto, with 16-bit activations: the wgmma GEMM for GLU weights and up to wgmma_auto_max_m rows (this
+        # GPU's, or as set), dequantize + cuBLAS otherwise
+        few = m <= gpu_matmul.wgmma_auto_max_m(x.device)
+        want = gpu_matmul.wgmma_gemm(x, pw) if glu or few else dq
+        assert torch.equal(gpu_matmul.matmul(x, pw), want)
         assert gpu_matmul.large_m_path(pw, "auto", dtype) == ("wgmma" if glu else "dequant")
-        assert gpu_matmul.large_m_path(pw, "auto", torch.float32) == "dequant"
+        for rows in (m - 1, m):
+            monkeypatch.setattr(gpu_matmul, "WGMMA_AUTO_MAX_M", rows)
+            assert gpu_matmul.large_m_path(pw, "auto", dtype, m) == ("wgmma" if glu or rows == m else "dequant")
+        assert gpu_matmul.large_m_path(pw, "auto", torch.float32, m) == "dequant"
+        monkeypatch.undo()
     out = torch.empty_like(y)
     assert_graph_replays(lambda: out.copy_(gpu_matmul.wgmma_gemm(x, pw)), out, gpu_matmul.wgmma_gemm(x, pw))
 
