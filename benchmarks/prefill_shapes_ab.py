@@ -11,10 +11,11 @@ A plan routes weights to the wgmma GEMM: ``;``-separated plans, each ``auto`` or
 shape's ``gemm_config``, no split) or ``SHAPE=CFG/SPLITS`` (block shape ``gpu_matmul.GEMM_CONFIGS[CFG]``, K in
 SPLITS ranges); SHAPE one of qkv, o, gate_up, down. ``auto`` is ``gpu_matmul.large_m_path``'s choice: the wgmma GEMM
 on gate_up, and on every weight up to ``wgmma_auto_max_m`` tokens on the GPUs where that was measured faster (H100:
-1024); dequantize + cuBLAS elsewhere (``--variant old=shipped:@WGMMA_AUTO_MAX_M=0``: gate_up only, on any GPU). The default plans: ``auto``, the wgmma GEMM also on qkv,
-o, down, or all three, then ``auto`` and ``qkv`` again at the end for the run-to-run spread. ``--variant`` as in
-``gemm_ab.py`` (kernel builds side by side; without it, the shipped kernels): every plan runs on every variant.
-A plan a variant cannot run (K split at a block shape wider than its ``SPLIT_MAX_ROWS``) is recorded as null.
+1024); dequantize + cuBLAS elsewhere (``--variant old=shipped:@WGMMA_AUTO_MAX_M=0``: gate_up only, on any GPU). The
+default plans: ``auto``, the wgmma GEMM also on qkv, o, down, or all three, then ``auto`` and ``qkv`` again at the end
+for the run-to-run spread. ``--variant`` as in ``gemm_ab.py`` (kernel builds side by side; without it, the shipped
+kernels): every plan runs on every variant. A plan a variant cannot run (K split at a block shape wider than its
+``SPLIT_MAX_ROWS``) is recorded as null.
 """
 
 from __future__ import annotations
